@@ -1,0 +1,51 @@
+"""The ``cryoforum`` console command: one subcommand per module in ``cryoforum_plugin.commands``.
+
+Each command module has ``add_args(parser)`` (its parameters come from plugin.yaml) and ``main(args)``.
+User errors (``CryoforumError``) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__, manifest
+from .errors import CryoforumError
+
+COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand."""
+    meta = manifest.load()
+    parser = argparse.ArgumentParser(prog="cryoforum", description=meta["description"].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cryoforum {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f".commands.{name}", __package__)
+        help_text = manifest.job(name)["help"]
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_args(p)
+        p.set_defaults(_main=module.main, _parser=p)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args._main(args)
+    except CryoforumError as exc:
+        print(f"cryoforum {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryoforum {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``cryoforum`` subcommand: ``add_args(parser)`` and ``main(args)``."""

@@ -1,0 +1,22 @@
+"""``cryoforum convert IN OUT``: .cs <-> .star (poses, shifts, CTF, optics groups, half-sets, uids)."""
+
+from pathlib import Path
+
+from .. import manifest
+from ..particles import read_particles, write_particles
+
+
+def add_args(parser):
+    manifest.add_arguments(parser, "convert")
+
+
+def main(args):
+    ps = read_particles(args.input, project_dir=args.project_dir)
+    out = Path(args.output)
+    if out.resolve() == Path(args.input).resolve():
+        from ..errors import CryoforumError
+
+        raise CryoforumError("output would overwrite the input.", path=out, fix="choose another output name.")
+    relative_to = None if args.absolute_paths else out.resolve().parent
+    write_particles(ps, out, relative_to=relative_to, project_dir=args.project_dir)
+    print(f"wrote {len(ps)} particles to {out}")

@@ -1,0 +1,50 @@
+"""``cryoforum reconstruct PARTICLES --out MAP [--halves] [--sym G] [--weights COLUMN]``."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import manifest
+from ..errors import CryoforumError
+from ..fsc import fsc_curve, resolution
+from ..images import write_mrc
+from ..particles import read_particles
+from ..reconstruction import reconstruct
+from ._common import resolve_device
+
+
+def add_args(parser):
+    manifest.add_arguments(parser, "reconstruct")
+
+
+def particle_weights(ps, column: str) -> np.ndarray:
+    """Per-particle weights from a STAR column of the set's original table."""
+    table = ps.source.get("particles")
+    if table is None or column not in table:
+        raise CryoforumError(f"no column '{column}' for --weights.", path=ps.path,
+                             fix="name a numeric per-particle column of the STAR file, e.g. rlnParticleFigureOfMerit.")
+    w = table[column].to_numpy(dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        r = int(np.argmax(~np.isfinite(w) | (w < 0)))
+        raise CryoforumError(f"weight column '{column}' has a negative or NaN value.", path=ps.path, row=r,
+                             fix="weights must be finite and >= 0.")
+    return w
+
+
+def main(args):
+    start = time.time()
+    ps = read_particles(args.particles, project_dir=args.project_dir)
+    ps.validate_images()
+    weights = particle_weights(ps, args.weights) if args.weights else None
+    maps = reconstruct(ps, sym=args.sym, weights=weights, halves=args.halves, batch=args.batch,
+                       device=resolve_device(args.device))
+    out = Path(args.out)
+    apix, box = float(ps.pixel_size[0]), int(ps.box[0])
+    write_mrc(out, maps["full"], apix)
+    print(f"wrote {out} ({box} px at {apix:.4f} Å/px) from {len(ps)} particles in {time.time() - start:.1f} s")
+    if args.halves:
+        for h in ("half1", "half2"):
+            write_mrc(out.with_name(f"{out.stem}_{h}.mrc"), maps[h], apix)
+        curve = fsc_curve(maps["half1"], maps["half2"])
+        print(f"half-map FSC 0.143: {resolution(curve, box, apix, 0.143):.2f} Å")

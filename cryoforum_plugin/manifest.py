@@ -1,0 +1,88 @@
+"""The plugin manifest (``plugin.yaml``): jobs and user parameters, read by the CLI and both adapters."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import yaml
+
+_TYPES = {"int": int, "float": float, "str": str, "path": str, "choice": str}
+
+
+def manifest_path() -> Path:
+    """Location of plugin.yaml: packaged beside this module (a link to the top-level file in a checkout)."""
+    return Path(__file__).with_name("plugin.yaml")
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> dict:
+    """The parsed manifest."""
+    with open(manifest_path()) as fh:
+        return yaml.safe_load(fh)
+
+
+def job(name: str) -> dict:
+    """One job's entry (help, params)."""
+    return load()["jobs"][name]
+
+
+def params(job_name: str) -> list[dict]:
+    """The job's parameters, in declaration order."""
+    return list(job(job_name).get("params", []))
+
+
+def defaults(job_name: str) -> dict:
+    """{parameter name: default} for the job's optional parameters."""
+    return {p["name"]: p.get("default") for p in params(job_name) if not p.get("positional")}
+
+
+def _help(p: dict) -> str:
+    text = p.get("help", "")
+    extra = []
+    if p.get("unit"):
+        extra.append(f"unit: {p['unit']}")
+    if "min" in p or "max" in p:
+        extra.append(f"range: [{p.get('min', '-inf')}, {p.get('max', 'inf')}]")
+    if not p.get("positional") and p.get("type") != "bool" and p.get("default") is not None:
+        extra.append("default: %(default)s")
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _typed(p: dict):
+    conv = _TYPES[p.get("type", "str")]
+    lo, hi = p.get("min"), p.get("max")
+
+    def convert(text):
+        try:
+            value = conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {p.get('type')}, got '{text}'") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is outside [{lo}, {hi}]")
+        return value
+
+    convert.__name__ = p.get("type", "str")
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser, job_name: str) -> None:
+    """Declare every parameter of ``job_name`` on an argparse parser (names: --snake-case)."""
+    for p in params(job_name):
+        kwargs = {"help": _help(p)}
+        if p.get("type") == "bool":
+            parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"],
+                                action=argparse.BooleanOptionalAction, default=bool(p.get("default", False)),
+                                help=kwargs["help"])
+            continue
+        kwargs["type"] = _typed(p)
+        if p.get("choices"):
+            kwargs["choices"] = p["choices"]
+        if p.get("nargs"):
+            kwargs["nargs"] = p["nargs"]
+        if p.get("positional"):
+            parser.add_argument(p["name"], metavar=p["name"].upper(), **kwargs)
+        else:
+            parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"], default=p.get("default"),
+                                metavar=p.get("metavar", p.get("type", "str").upper()), **kwargs)

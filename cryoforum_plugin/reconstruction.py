@@ -1,0 +1,62 @@
+"""Direct Fourier reconstruction of a particle set from its poses, shifts and CTFs (batched, bounded memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import symmetry
+from .ctf import ctf_2d
+from .errors import CryoforumError
+from .images import StackReader
+from .particles import ParticleSet
+from .progress import Progress
+from .projection import Backprojector
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = False, batch: int = 256,
+                device=None, regularization: float = 1e-3, progress: bool = True):
+    """Reconstruct (D, D, D) map(s) from ``ps``. Returns ``{'full': map}`` plus ``'half1'``/``'half2'`` with
+    ``halves`` (split by ``ps.half_set``; particles without a half-set are split by parity).
+    ``weights``: optional (N,) per-particle weights (0 drops a particle)."""
+    if not ps.has_poses.all():
+        r = int(np.argmax(~ps.has_poses))
+        raise CryoforumError("a particle has no pose; reconstruction needs poses for all.", path=ps.path, row=r,
+                             fix="predict poses first (cryoforum predict) or select the particles with poses.")
+    device = torch.device(device) if device is not None else default_device()
+    box = int(ps.box[0])
+    apix = float(ps.pixel_size[0])
+    group = symmetry.group_quats(sym) if symmetry.order(sym) > 1 else None
+    w_all = np.ones(len(ps)) if weights is None else np.asarray(weights, dtype=np.float64)
+    half = ps.half_set.copy()
+    unassigned = half <= 0
+    half[unassigned] = np.arange(len(ps))[unassigned] % 2 + 1
+    accumulators = {1: Backprojector(box, device=device), 2: Backprojector(box, device=device)}
+    bar = Progress(len(ps), "reconstruct", enabled=progress)
+    with StackReader() as reader:
+        for lo in range(0, len(ps), batch):
+            rows = np.arange(lo, min(len(ps), lo + batch))
+            rows = rows[w_all[rows] > 0]
+            if len(rows):
+                images = reader.read(ps.image_path[rows], ps.image_index[rows])
+                c = None if ps.ctf is None else ctf_2d(ps.ctf, rows, box, ps.pixel_size[rows], device)
+                for h in (1, 2):
+                    sel = half[rows] == h
+                    if sel.any():
+                        accumulators[h].insert(images[sel], ps.quat[rows[sel]], ps.shift_A[rows[sel]] / apix,
+                                               None if c is None else c[torch.as_tensor(sel, device=device)],
+                                               weights=w_all[rows[sel]], group=group)
+            bar.update(min(batch, len(ps) - lo))
+    bar.close()
+    maps = {}
+    if halves:
+        maps["half1"] = accumulators[1].reconstruct(regularization).cpu().numpy()
+        maps["half2"] = accumulators[2].reconstruct(regularization).cpu().numpy()
+    accumulators[1].merge(accumulators[2])
+    maps["full"] = accumulators[1].reconstruct(regularization).cpu().numpy()
+    return maps

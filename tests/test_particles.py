@@ -1,0 +1,222 @@
+"""The particle data layer: STAR 3.0/3.1 and .cs I/O, round trips, image access and bad input."""
+
+import os
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from cryosparc.dataset import Dataset
+
+from cryoforum_plugin import geometry
+from cryoforum_plugin.cli import main as cli
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.images import StackReader
+from cryoforum_plugin.particles import read_cs, read_particles, read_star, to_dataset, write_cs, write_star
+
+from conftest import SHARED
+
+
+def test_reads_relion_written_star_and_images(relion_set):
+    """A STAR and stack written by real relion_project: poses, origins, CTF, optics, images."""
+    d = relion_set["dir"]
+    ps = read_star(d / "parts_ctf.star")
+    assert len(ps) == 400 and ps.source["version"] == "3.1" and int(ps.box[0]) == relion_set["box"]
+    assert np.allclose(ps.pixel_size, relion_set["pixel_size"], atol=1e-5)
+    # RELION prints angles with ~1e-5 degree precision
+    assert geometry.geodesic(ps.quat, relion_set["quat"]).max() < 1e-5
+    assert np.allclose(ps.shift_A, relion_set["shift_A"], atol=1e-4)
+    assert ps.ctf is not None and np.all(ps.ctf["voltage"] == 300)
+    with StackReader(max_open=2) as reader:
+        img = reader.read(ps.image_path[[5, 0, 5]], ps.image_index[[5, 0, 5]])
+    ref = mrcfile.read(d / "parts_ctf.mrcs")
+    assert np.array_equal(img[0], ref[5]) and np.array_equal(img[1], ref[0])
+
+
+def test_star_cs_star_round_trip_keeps_optics_and_columns(relion_set, tmp_path):
+    src = relion_set["dir"] / "parts_ctf.star"
+    before = src.read_bytes()
+    ps = read_star(src)
+    write_cs(ps, tmp_path / "p.cs")
+    back = read_cs(tmp_path / "p.cs")
+    assert geometry.geodesic(back.quat, ps.quat).max() < 1e-6
+    assert np.allclose(back.shift_A, ps.shift_A, atol=1e-4)
+    for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast"):
+        assert np.allclose(back.ctf[k], ps.ctf[k], rtol=1e-6, atol=1e-4), k
+    assert (back.image_path == ps.image_path).all() and (back.image_index == ps.image_index).all()
+    write_star(back, tmp_path / "p.star", relative_to=tmp_path)
+    again = read_star(tmp_path / "p.star")
+    assert geometry.geodesic(again.quat, ps.quat).max() < 1e-6
+    assert np.allclose(again.shift_A, ps.shift_A, atol=1e-4)
+    assert (again.uid == back.uid).all()
+    optics = starfile.read(tmp_path / "p.star")["optics"]
+    assert float(optics["rlnImagePixelSize"][0]) == pytest.approx(relion_set["pixel_size"], abs=1e-5)
+    assert int(optics["rlnImageSize"][0]) == relion_set["box"]
+    # star -> star keeps every column and the optics table verbatim
+    ps.source["particles"]["rlnMyColumn"] = np.arange(len(ps))
+    write_star(ps, tmp_path / "same.star")
+    blocks = starfile.read(tmp_path / "same.star")
+    assert list(blocks["optics"].columns) == list(ps.source["optics"].columns)
+    assert (blocks["particles"]["rlnMyColumn"] == np.arange(len(ps))).all()
+    assert (blocks["particles"]["rlnImageName"] == ps.source["image_names"]).all()
+    assert src.read_bytes() == before  # input untouched
+
+
+def make_cs(tmp_path, n=30, box=32):
+    """A complete cryoSPARC-style particles .cs (blob, ctf, alignments3D) in a project layout J5/..."""
+    rng = np.random.default_rng(3)
+    proj = tmp_path / "P1"
+    (proj / "J5" / "extract").mkdir(parents=True)
+    stack = rng.normal(size=(n, box, box)).astype(np.float32)
+    with mrcfile.new(proj / "J5" / "extract" / "stack.mrc") as m:
+        m.set_data(stack)
+    from cryoforum_plugin.particles import CS_ALIGN_FIELDS, CS_BLOB_FIELDS, CS_CTF_FIELDS
+
+    ds = Dataset.allocate(n, CS_BLOB_FIELDS + CS_CTF_FIELDS + CS_ALIGN_FIELDS)
+    ds["blob/path"] = np.array([">J5/extract/stack.mrc"] * n, dtype=object)
+    ds["blob/idx"] = np.arange(n)[::-1]
+    ds["blob/shape"] = box
+    ds["blob/psize_A"] = 2.1
+    ds["ctf/df1_A"] = rng.uniform(8000, 20000, n)
+    ds["ctf/df2_A"] = ds["ctf/df1_A"] - 300
+    ds["ctf/df_angle_rad"] = rng.uniform(0, np.pi, n)
+    ds["ctf/accel_kv"] = 300
+    ds["ctf/cs_mm"] = 2.7
+    ds["ctf/amp_contrast"] = 0.07
+    ds["ctf/exp_group_id"] = rng.integers(0, 2, n)
+    ds["alignments3D/pose"] = geometry.quat_to_cryosparc_pose(geometry.random_quats(n, rng))
+    ds["alignments3D/shift"] = rng.uniform(-4, 4, (n, 2))
+    ds["alignments3D/psize_A"] = 2.1
+    ds["alignments3D/split"] = rng.integers(0, 2, n)
+    path = proj / "J5" / "particles.cs"
+    ds.save(str(path))
+    return path, proj, ds, stack
+
+
+def test_cs_star_cs_round_trip_is_lossless(tmp_path):
+    path, proj, ds, stack = make_cs(tmp_path)
+    ps = read_cs(path)  # project dir found from the J5/ layout; '>' prefix stripped
+    with StackReader() as reader:
+        assert np.array_equal(reader.read(ps.image_path[:3], ps.image_index[:3]), stack[ds["blob/idx"][:3]])
+    out = tmp_path / "out"
+    assert cli(["convert", str(path), str(out / "p.star")]) == 0
+    star = read_star(out / "p.star")
+    assert set(starfile.read(out / "p.star")["optics"]["rlnOpticsGroup"]) == {1, 2}
+    assert cli(["convert", str(out / "p.star"), str(out / "back.cs"), "--project-dir", str(proj)]) == 0
+    back = Dataset.load(str(out / "back.cs"))
+    assert (back["uid"] == ds["uid"]).all()
+    q0 = geometry.cryosparc_pose_to_quat(ds["alignments3D/pose"])
+    assert geometry.geodesic(geometry.cryosparc_pose_to_quat(back["alignments3D/pose"]), q0).max() < 1e-6
+    assert np.allclose(back["alignments3D/shift"], ds["alignments3D/shift"], atol=1e-5)
+    for f in ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast",
+              "ctf/exp_group_id", "alignments3D/split", "blob/idx", "blob/psize_A"):
+        assert np.allclose(back[f], ds[f], rtol=1e-6, atol=1e-3), f
+    assert set(back["blob/path"]) == {"J5/extract/stack.mrc"}
+    assert np.array_equal(star.half_set, ds["alignments3D/split"] + 1)
+
+
+def test_relion30_star_with_pixel_origins(tmp_path):
+    stack = np.zeros((4, 16, 16), np.float32)
+    with mrcfile.new(tmp_path / "s.mrcs") as m:
+        m.set_data(stack)
+    df = pd.DataFrame({"rlnImageName": [f"{i + 1}@s.mrcs" for i in range(4)], "rlnAngleRot": 10.0,
+                       "rlnAngleTilt": 20.0, "rlnAnglePsi": 30.0, "rlnOriginX": 2.0, "rlnOriginY": -1.0,
+                       "rlnDetectorPixelSize": 5.0, "rlnMagnification": 10000.0, "rlnDefocusU": 1e4,
+                       "rlnDefocusV": 1e4, "rlnDefocusAngle": 0.0, "rlnVoltage": 200.0,
+                       "rlnSphericalAberration": 2.0, "rlnAmplitudeContrast": 0.1})
+    starfile.write(df, tmp_path / "old.star")
+    ps = read_star(tmp_path / "old.star")
+    assert ps.source["version"] == "3.0" and int(ps.box[0]) == 16
+    assert np.allclose(ps.pixel_size, 5.0) and np.allclose(ps.shift_A, [[10.0, -5.0]] * 4)
+    write_star(ps, tmp_path / "new.star")
+    blocks = starfile.read(tmp_path / "new.star")
+    assert "optics" in blocks and float(blocks["optics"]["rlnVoltage"][0]) == 200.0
+    assert np.allclose(blocks["particles"]["rlnOriginXAngst"], 10.0)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _star(tmp_path, n=3, box=16, stack_n=3, names=None, **cols):
+    with mrcfile.new(tmp_path / "s.mrcs", overwrite=True) as m:
+        m.set_data(np.zeros((stack_n, box, box), np.float32))
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0], "rlnImageSize": [box]})
+    parts = pd.DataFrame({"rlnImageName": names or [f"{i + 1}@s.mrcs" for i in range(n)], "rlnOpticsGroup": 1,
+                          "rlnAngleRot": 1.0, "rlnAngleTilt": 2.0, "rlnAnglePsi": 3.0, **cols})
+    starfile.write({"optics": optics, "particles": parts}, tmp_path / "p.star")
+    return tmp_path / "p.star"
+
+
+def test_missing_stack_names_file_row_and_fix(tmp_path):
+    path = _star(tmp_path, names=["1@s.mrcs", "2@missing.mrcs", "3@s.mrcs"])
+    with pytest.raises(CryoforumError) as e:
+        read_star(path).validate_images()
+    assert "missing.mrcs" in str(e.value) and "row 2" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_index_past_end_of_stack(tmp_path):
+    path = _star(tmp_path, n=3, stack_n=2)
+    with pytest.raises(CryoforumError, match=r"row 3.*image 3 requested.*holds 2 images"):
+        read_star(path).validate_images()
+    with pytest.raises(CryoforumError, match="past the end"):
+        ps = read_star(path)
+        StackReader().read(ps.image_path, ps.image_index)
+
+
+def test_star_without_image_names(tmp_path):
+    with pytest.raises(CryoforumError, match="rlnImageName"):
+        read_star(SHARED / "data" / "star" / "postprocess.star")
+    with pytest.raises(CryoforumError, match="rlnImageName"):
+        read_star(SHARED / "data" / "star" / "relion_tutorial" / "run_it025_optimiser_3D.star")
+
+
+def test_nan_pose_and_mixed_boxes(tmp_path):
+    path = _star(tmp_path, rlnAngleTilt=[1.0, np.nan, 2.0])
+    with pytest.raises(CryoforumError, match=r"row 2.*NaN"):
+        read_star(path)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1, 2], "rlnImagePixelSize": [2.0, 2.0], "rlnImageSize": [16, 24]})
+    parts = pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"], "rlnOpticsGroup": [1, 2]})
+    starfile.write({"optics": optics, "particles": parts}, tmp_path / "mixed.star")
+    with pytest.raises(CryoforumError, match=r"row 2.*mixed box sizes"):
+        read_star(tmp_path / "mixed.star")
+
+
+def test_cs_without_blob_fields_real_schema():
+    """cryoSPARC's own alignment output has no blob slot: a clear error, not a KeyError."""
+    with pytest.raises(CryoforumError, match="blob/path.*no particle images") as e:
+        read_cs(SHARED / "data" / "cs" / "schema_0rows.cs")
+    assert "Fix:" in str(e.value)
+
+
+def test_cli_prints_one_line_error_and_exit_2(tmp_path, capsys):
+    assert cli(["info", str(tmp_path / "nope.star")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.star" in err and "Traceback" not in err
+
+
+def test_info_summarises(relion_set, capsys):
+    assert cli(["info", str(relion_set["dir"] / "parts_ctf.star"), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["particles"] == 400 and info["with_pose"] == 400 and info["star_version"] == "3.1"
+    assert info["poses"]["direction_coverage_ratio"] > 0.3  # random poses cover the sphere
+
+
+def test_writes_are_atomic_and_never_touch_input(tmp_path, monkeypatch):
+    path, proj, ds, _ = make_cs(tmp_path)
+    ps = read_cs(path)
+    target = tmp_path / "out.star"
+    target.write_text("previous")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(starfile, "write", boom)
+    with pytest.raises(RuntimeError):
+        write_star(ps, target)
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.star")] == []
