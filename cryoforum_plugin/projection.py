@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .fourier import as_tensor, fft2c, fft3c, freq_1d, grid_2d, ifft2c, ifft3c, pad_real
+from .fourier import as_tensor, fft2c, fft3c, freq_1d, grid_2d, ifft2c, ifft3c, pad_real, radius_3d
 
 
 def _matrices(quats, device) -> torch.Tensor:
@@ -132,8 +132,9 @@ class Backprojector:
         sampled = den[den > 0]
         eps = regularization * (sampled.mean() if sampled.numel() else torch.tensor(1.0, device=self.device))
         spec = self.num.reshape(n, n, n) / (den + eps)
-        r = torch.sqrt(sum(g**2 for g in torch.meshgrid(*(freq_1d(n, self.device),) * 3, indexing="ij")))
-        spec = spec * (r <= n // 2 - 1)
+        spec = spec * (radius_3d(n, self.device) <= n // 2 - 1)
         vol = ifft3c(spec).real
         vol = pad_real(vol, d, 3) / _gridding(n, d, self.device, 3)
-        return vol * (n**3 / d**2) / self.pad
+        # zero the corners outside the inscribed sphere (as RELION does): they hold only amplified noise
+        edge = ((radius_3d(d, self.device) - (d / 2 - 2)) / 2).clamp(0, 1)
+        return vol * (0.5 + 0.5 * torch.cos(np.pi * edge)) * (n**3 / d**2) / self.pad

@@ -36,6 +36,8 @@ def main(args):
     start = time.time()
     ps = read_particles(args.particles, project_dir=args.project_dir)
     ps.validate_images()
+    if not args.ctf:
+        ps.ctf = None
     weights = particle_weights(ps, args.weights) if args.weights else None
     maps = reconstruct(ps, sym=args.sym, weights=weights, halves=args.halves, batch=args.batch,
                        device=resolve_device(args.device))
