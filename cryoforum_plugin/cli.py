@@ -13,7 +13,8 @@ import sys
 from . import __version__, manifest
 from .errors import CryoforumError
 
-COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc"]
+COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "evaluate", "filter",
+            "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,4 +85,5 @@ def add_arguments(parser: argparse.ArgumentParser, job_name: str) -> None:
             parser.add_argument(p["name"], metavar=p["name"].upper(), **kwargs)
         else:
             parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"], default=p.get("default"),
-                                metavar=p.get("metavar", p.get("type", "str").upper()), **kwargs)
+                                required=bool(p.get("required", False)),
+                                metavar=None if p.get("choices") else p.get("metavar", p.get("type", "str").upper()), **kwargs)

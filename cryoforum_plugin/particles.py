@@ -52,6 +52,7 @@ class ParticleSet:
     uid: np.ndarray  # (N,) uint64
     source: dict = dataclasses.field(default_factory=dict)  # original tables: see read_star / read_cs
     path: Path | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # STAR column name -> (N,) values added on output
 
     def __len__(self) -> int:
         return len(self.image_path)
@@ -69,13 +70,16 @@ class ParticleSet:
         source = dict(self.source)
         if "particles" in source:
             source["particles"] = source["particles"].iloc[rows].reset_index(drop=True)
+        if "image_names" in source:
+            source["image_names"] = np.asarray(source["image_names"])[rows]
         if "dataset" in source:
             source["dataset"] = source["dataset"].take(rows)
         return dataclasses.replace(
             self, image_path=self.image_path[rows], image_index=self.image_index[rows], quat=self.quat[rows],
             shift_A=self.shift_A[rows], pixel_size=self.pixel_size[rows], box=self.box[rows],
             ctf=None if self.ctf is None else {k: v[rows] for k, v in self.ctf.items()},
-            optics_group=self.optics_group[rows], half_set=self.half_set[rows], uid=self.uid[rows], source=source)
+            optics_group=self.optics_group[rows], half_set=self.half_set[rows], uid=self.uid[rows], source=source,
+            extra={k: np.asarray(v)[rows] for k, v in self.extra.items()})
 
     def validate_images(self) -> None:
         """Check that every stack exists and every index lies inside its stack (headers only)."""
@@ -274,10 +278,27 @@ def _optics_table(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
     return pd.DataFrame(rows), groups[np.ravel(inverse)]
 
 
+def _portable_names(names, image_path, image_index, relative_to) -> np.ndarray:
+    """Image names from a STAR, kept verbatim where they still point at the same stack from the current
+    (RELION project) directory or from ``relative_to``; otherwise rewritten relative to ``relative_to``."""
+    stacks = np.char.partition(names.astype(str), "@")[:, 2]
+    fixed = {}
+    for stack, target in dict(zip(stacks, image_path)).items():
+        bases = [Path.cwd()] + ([Path(relative_to)] if relative_to is not None else [])
+        if Path(stack).is_absolute() or any(os.path.abspath(b / stack) == os.path.abspath(target) for b in bases):
+            continue
+        fixed[stack] = os.path.relpath(target, relative_to) if relative_to is not None else target
+    if not fixed:
+        return names
+    return np.array([f"{i + 1:06d}@{fixed[s]}" if s in fixed else n
+                     for n, s, i in zip(names, stacks, image_index)], dtype=object)
+
+
 def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
     """RELION 3.1 ``{'optics': ..., 'particles': ...}`` tables for the set.
 
-    A set read from a 3.1+ STAR keeps its optics table and every column; image names are kept verbatim.
+    A set read from a 3.1+ STAR keeps its optics table and every column; image names are kept verbatim where
+    they still resolve from the RELION project directory (cwd) or ``relative_to``, else re-based on ``relative_to``.
     Otherwise names are written relative to ``relative_to`` (or absolute) and the optics table is built.
     Angles and origins are written from ``ps.quat`` / ``ps.shift_A`` (rows without a pose get no angles
     only if no row has one).
@@ -286,7 +307,8 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
     from_star = src.get("format") == "star"
     particles = src["particles"].copy() if from_star else pd.DataFrame(index=range(len(ps)))
     if from_star:
-        names = np.asarray(src["image_names"], dtype=object)
+        names = _portable_names(np.asarray(src["image_names"], dtype=object), ps.image_path, ps.image_index,
+                                relative_to)
     else:
         paths = ps.image_path if relative_to is None else [os.path.relpath(p, relative_to) for p in ps.image_path]
         names = np.array([f"{i + 1:06d}@{p}" for i, p in zip(ps.image_index, paths)], dtype=object)
@@ -317,6 +339,8 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
         particles["rlnRandomSubset"] = ps.half_set
     if not from_star:
         particles[UID_COLUMN] = ps.uid.astype(np.uint64)
+    for column, values in ps.extra.items():
+        particles[column] = np.asarray(values)
     return {"optics": optics, "particles": particles}
 
 

@@ -17,3 +17,9 @@ def resolve_device(name: str | None) -> torch.device:
         raise CryoforumError("--device cuda was asked for but no CUDA GPU is visible.",
                              fix="use --device cpu, or install a CUDA build of torch (see README).")
     return dev
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads in torch (0: leave torch's default, all cores)."""
+    if n and n > 0:
+        torch.set_num_threads(n)
