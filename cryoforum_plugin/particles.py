@@ -345,8 +345,9 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
 
 
 def write_star(ps: ParticleSet, path, relative_to=None) -> Path:
-    """Write the set as a RELION 3.1 particle STAR file, atomically. See ``star_tables``."""
-    tables = star_tables(ps, relative_to=relative_to)
+    """Write the set as a RELION 3.1 particle STAR file, atomically. See ``star_tables``; ``relative_to``
+    defaults to the output file's directory."""
+    tables = star_tables(ps, relative_to=relative_to if relative_to is not None else Path(path).resolve().parent)
     with atomic_path(path) as tmp:
         starfile.write(tables, tmp, float_format="%.6f")
     return Path(path)
@@ -444,14 +445,38 @@ CS_ALIGN_FIELDS = [("alignments3D/split", "u4"), ("alignments3D/shift", "f4", (2
                    ("alignments3D/class", "u4")]
 
 
-def to_dataset(ps: ParticleSet, project_dir=None):
+def _portable_blob_paths(raw, image_path, out_dir, project_dir) -> np.ndarray:
+    """``blob/path`` values kept verbatim where a reader of the output (.cs in ``out_dir``) still finds the same
+    stack from the project directory, the output directory or its parents; else relative to ``project_dir``
+    (when the stack is inside it) or absolute."""
+    raw = np.array([p.decode() if isinstance(p, bytes) else str(p) for p in raw], dtype=object)
+    roots = [Path(project_dir)] if project_dir else []
+    if out_dir is not None:
+        roots += [Path(out_dir), Path(out_dir).parent, Path(out_dir).parent.parent]
+    roots.append(Path.cwd())
+    out = raw.copy()
+    for value, target in dict(zip(raw, image_path)).items():
+        rel = value[1:] if value.startswith(">") else value
+        if Path(rel).is_absolute() or any(os.path.abspath(r / rel) == os.path.abspath(target) for r in roots):
+            continue
+        if project_dir and Path(target).resolve().is_relative_to(Path(project_dir).resolve()):
+            new = os.path.relpath(Path(target).resolve(), Path(project_dir).resolve())
+        else:
+            new = str(target)
+        out[raw == value] = new
+    return out
+
+
+def to_dataset(ps: ParticleSet, project_dir=None, out_dir=None):
     """A cryoSPARC ``Dataset`` for the set: the original Dataset's fields kept (same uids), poses, shifts,
-    CTF and half-sets written in cryoSPARC's convention (rotation vector, shift in pixels)."""
+    CTF and half-sets written in cryoSPARC's convention (rotation vector, shift in pixels). ``out_dir``: where
+    the .cs will live (blob paths that would no longer resolve from there are re-based)."""
     from cryosparc.dataset import Dataset
 
     src = ps.source
     if src.get("format") == "cs":
         ds = src["dataset"].copy()
+        ds["blob/path"] = _portable_blob_paths(ds["blob/path"], ps.image_path, out_dir, project_dir)
     else:
         ds = Dataset.allocate(len(ps), CS_BLOB_FIELDS + (CS_CTF_FIELDS if ps.ctf is not None else []))
         ds["uid"] = ps.uid
@@ -498,7 +523,7 @@ def to_dataset(ps: ParticleSet, project_dir=None):
 
 def write_cs(ps: ParticleSet, path, project_dir=None) -> Path:
     """Write the set as a cryoSPARC ``.cs`` file, atomically. See ``to_dataset``."""
-    ds = to_dataset(ps, project_dir=project_dir)
+    ds = to_dataset(ps, project_dir=project_dir, out_dir=Path(path).resolve().parent)
     with atomic_path(path) as tmp:
         ds.save(str(tmp))
     return Path(path)

@@ -27,6 +27,8 @@ from .preprocess import Preprocess, psi_rotation_quats, rotate_images
 from .progress import Progress
 
 N_DISTANCE_BINS = 8
+import os
+CLIP = float(os.environ.get("CF_CLIP", "10"))
 
 
 @dataclasses.dataclass
@@ -206,6 +208,7 @@ class Trainer:
             perm = self.split["train"][torch.randperm(len(self.split["train"]), generator=self.gen).numpy()]
             bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress)
             losses, errs = [], []
+            self.gnorms = []
             for step, lo in enumerate(range(0, len(perm), cfg.batch)):
                 rows = perm[lo:lo + cfg.batch]
                 if len(rows) < 2:
@@ -219,7 +222,8 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise CryoforumError("the training loss became NaN/inf.", fix="lower --lr or check the input images.")
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)  # eigh gradients can spike
+                gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)  # eigh gradients can spike
+                self.gnorms.append(float(gnorm))
                 self.opt.step()
                 self.sched.step()
                 losses.append(float(loss.detach()))
@@ -234,7 +238,7 @@ class Trainer:
                    "train_median_rad": float(np.median(np.concatenate(errs))) if errs else float("nan"),
                    "val_median_rad": float(np.median(val)), "val_median_deg": float(np.degrees(np.median(val))),
                    "lr": float(self.sched.get_last_lr()[0]), "beta1": b1, "beta2": b2,
-                   "seconds": round(time.time() - t0, 2)}
+                   "seconds": round(time.time() - t0, 2), "gnorm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0}
             self.epoch += 1
             self.log.append(row)
             improved = row["val_median_rad"] < self.best

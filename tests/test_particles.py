@@ -57,8 +57,11 @@ def test_star_cs_star_round_trip_keeps_optics_and_columns(relion_set, tmp_path):
     assert int(optics["rlnImageSize"][0]) == relion_set["box"]
     # star -> star keeps every column and the optics table verbatim
     ps.source["particles"]["rlnMyColumn"] = np.arange(len(ps))
-    write_star(ps, tmp_path / "same.star")
-    blocks = starfile.read(tmp_path / "same.star")
+    same = relion_set["dir"] / "same.star"  # beside the original: the names still resolve, so kept verbatim
+    write_star(ps, same)
+    blocks = starfile.read(same)
+    moved = read_star(tmp_path / "p.star")  # written elsewhere: names re-based so they still find the stack
+    assert set(moved.image_path) == set(ps.image_path)
     assert list(blocks["optics"].columns) == list(ps.source["optics"].columns)
     assert (blocks["particles"]["rlnMyColumn"] == np.arange(len(ps))).all()
     assert (blocks["particles"]["rlnImageName"] == ps.source["image_names"]).all()

@@ -65,7 +65,7 @@ def main(args):
     written = []
     for name, mask in (("confident", keep), ("rejected", ~keep)):
         for path in output_paths(args.predicted, out, name, args.format):
-            write_particles(ps.subset(mask), path, relative_to=out.resolve())
+            write_particles(ps.subset(mask), path, relative_to=out.resolve(), project_dir=args.project_dir)
             written.append(str(path))
     summary.update(input=str(args.predicted), particles=len(ps), kept=int(keep.sum()), rejected=int((~keep).sum()),
                    outputs=written)

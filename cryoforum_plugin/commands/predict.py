@@ -13,11 +13,12 @@ def add_args(parser):
     manifest.add_arguments(parser, "predict")
 
 
-def write_predictions(ps, out_dir, input_path, fmt: str = "auto", stem: str = "predicted") -> list[Path]:
+def write_predictions(ps, out_dir, input_path, fmt: str = "auto", stem: str = "predicted",
+                      project_dir=None) -> list[Path]:
     """Write a predicted ParticleSet as STAR and/or .cs (+ the uid-keyed uncertainty sidecar for .cs)."""
     written = []
     for path in output_paths(input_path, out_dir, stem, fmt):
-        write_particles(ps, path, relative_to=Path(out_dir).resolve())
+        write_particles(ps, path, relative_to=Path(out_dir).resolve(), project_dir=project_dir)
         written.append(path)
         if path.suffix == ".cs":
             side = path.with_name(f"{stem}_uncertainty.cs")
@@ -34,7 +35,7 @@ def run(args, abort_check=None):
     pred = predict(ps, args.model, device=resolve_device(args.device), batch=args.batch, tta=args.tta,
                    abort_check=abort_check)
     out = with_predictions(ps, pred)
-    written = write_predictions(out, args.out, args.particles, args.format)
+    written = write_predictions(out, args.out, args.particles, args.format, project_dir=args.project_dir)
     print(f"predicted {len(ps)} particles in {pred.seconds:.1f} s ({pred.particles_per_second:,.0f} particles/s) "
           f"-> {', '.join(map(str, written))}")
     return out, pred

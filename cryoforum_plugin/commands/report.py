@@ -133,8 +133,8 @@ def _html(summary: dict, images: list[str], out: Path) -> str:
 def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pred = read_particles(args.predicted)
-    truth = read_particles(args.truth)
+    pred = read_particles(args.predicted, project_dir=args.project_dir)
+    truth = read_particles(args.truth, project_dir=args.project_dir)
     pi, ti = match_rows(pred, truth)
     if args.split != "all" and args.model:
         split = json.loads((Path(args.model) / "split.json").read_text())
@@ -181,6 +181,12 @@ def run(args) -> dict:
     images = figures(out, err, unc, keep, junk, rc, ps_pred)
     if args.reconstruct:
         true_map = read_map(args.map)[0] if args.map else None
+        if true_map is not None and true_map.shape[0] != int(ps_pred.box[0]):
+            from ..errors import CryoforumError
+
+            raise CryoforumError(f"the map is {true_map.shape[0]} px but the particles are {int(ps_pred.box[0])} px.",
+                                 path=args.map, fix="pass the true map at the particles' box and pixel size "
+                                                     "(e.g. relion_image_handler --new_box / --rescale_angpix).")
         weights = unc_all["fom"][pi]
         summary["reconstructions"], _ = reconstructions(out, ps_true, ps_pred, keep, weights, args.sym, true_map,
                                                         resolve_device(args.device))
