@@ -29,8 +29,18 @@ def job(name: str) -> dict:
 
 
 def params(job_name: str) -> list[dict]:
-    """The job's parameters, in declaration order."""
-    return list(job(job_name).get("params", []))
+    """The job's parameters, in declaration order. An entry ``{use: JOB.NAME, ...}`` re-uses another job's
+    declaration (its other keys override), so a parameter is declared once and shown in several places."""
+    out = []
+    for p in job(job_name).get("params", []):
+        if "use" in p:
+            other, name = p["use"].split(".", 1)
+            base = next((q for q in params(other) if q["name"] == name), None)
+            if base is None:
+                raise KeyError(f"plugin.yaml: {job_name} uses unknown parameter {p['use']}")
+            p = {**base, **{k: v for k, v in p.items() if k != "use"}}
+        out.append(dict(p))
+    return out
 
 
 def defaults(job_name: str) -> dict:
@@ -69,7 +79,12 @@ def _typed(p: dict):
 
 def add_arguments(parser: argparse.ArgumentParser, job_name: str) -> None:
     """Declare every parameter of ``job_name`` on an argparse parser (names: --snake-case)."""
-    for p in params(job_name):
+    add_arguments_from(parser, params(job_name))
+
+
+def add_arguments_from(parser: argparse.ArgumentParser, declarations: list[dict]) -> None:
+    """Declare the given parameter declarations on an argparse parser."""
+    for p in declarations:
         kwargs = {"help": _help(p)}
         if p.get("type") == "bool":
             parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"],

@@ -75,12 +75,17 @@ class Pool(nn.Module):
 HEAD_OUTPUTS = {"qcqp": 10, "quat": 4, "6d": 6}
 
 
-def qcqp_matrix(theta: torch.Tensor) -> torch.Tensor:
-    """(B, 10) -> symmetric PSD (B, 4, 4) A = L Lᵀ with L upper triangular filled by the 10 numbers."""
+def qcqp_matrix(theta: torch.Tensor, param: str = "cholesky") -> torch.Tensor:
+    """(B, 10) -> symmetric (B, 4, 4) A. 'cholesky' (the paper): A = L Lᵀ, PSD, with L upper triangular filled by
+    the 10 numbers. 'symmetric' (Peretroukhin et al. 2020): the 10 numbers fill A's upper triangle directly.
+    Both give the same kind of solution; eigenvectors and dispersions (eigenvalue differences) do not change when
+    A is shifted by c·I, so the symmetric form is PSD up to such a shift."""
     b = theta.shape[0]
     rows, cols = torch.triu_indices(4, 4, device=theta.device)
     L = theta.new_zeros(b, 4, 4)
     L[:, rows, cols] = theta
+    if param == "symmetric":
+        return L + L.transpose(1, 2) - torch.diag_embed(L.diagonal(dim1=1, dim2=2))
     return L @ L.transpose(1, 2)
 
 
@@ -126,8 +131,9 @@ class OrientationNet(nn.Module):
     head 'A' (B, 4, 4) and 'evals' (B, 4, ascending). The head runs in float32 even under autocast."""
 
     def __init__(self, in_channels: int, head: str = "qcqp", pooling: str = "gem", width: float = 1.0,
-                 drop_last: bool = False, dropout: float = 0.3):
+                 drop_last: bool = False, dropout: float = 0.3, qcqp_param: str = "cholesky"):
         super().__init__()
+        self.qcqp_param = qcqp_param
         if head not in HEAD_OUTPUTS:
             raise ValueError(f"unknown head '{head}'")
         self.head = head
@@ -143,7 +149,7 @@ class OrientationNet(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = self.dense(self.dropout(feats.float()))
             if self.head == "qcqp":
-                A = qcqp_matrix(out)
+                A = qcqp_matrix(out, self.qcqp_param)
                 quat, evals = qcqp_solve(A)
                 return {"quat": quat, "A": A, "evals": evals}
             if self.head == "quat":

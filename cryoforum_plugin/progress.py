@@ -6,13 +6,15 @@ from __future__ import annotations
 import sys
 import time
 
+DEFAULT_STREAM = None  # None: sys.stderr; the RELION adapter sets sys.stdout (RELION's run.out)
+
 
 class Progress:
     """``Progress(total, label)``; ``update(k)`` after each k items; ``close()`` at the end."""
 
     def __init__(self, total: int, label: str, enabled: bool = True, stream=None, unit: str = "particles"):
         self.total, self.label, self.enabled, self.unit = max(int(total), 1), label, enabled, unit
-        self.stream = stream or sys.stderr
+        self.stream = stream or DEFAULT_STREAM or sys.stderr
         self.done, self.start, self._last_decile = 0, time.time(), -1
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 

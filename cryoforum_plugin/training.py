@@ -27,8 +27,7 @@ from .preprocess import Preprocess, psi_rotation_quats, rotate_images
 from .progress import Progress
 
 N_DISTANCE_BINS = 8
-import os
-CLIP = float(os.environ.get("CF_CLIP", "10"))
+GRAD_CLIP = 10.0  # global gradient-norm clip: eigh's backward can spike when eigenvalues nearly coincide
 
 
 @dataclasses.dataclass
@@ -39,6 +38,7 @@ class TrainConfig:
     blur: str = "lowpass"
     pooling: str = "gem"
     head: str = "qcqp"
+    qcqp_param: str = "cholesky"
     width: float = 1.0
     drop_last: bool = False
     dropout: float = 0.3
@@ -67,7 +67,8 @@ class TrainConfig:
 def build(config: TrainConfig, mean: float = 0.0, std: float = 1.0) -> tuple[Preprocess, OrientationNet]:
     """The preprocessing module and the network for a configuration."""
     pre = Preprocess(config.box, config.blur, mean, std)
-    net = OrientationNet(pre.channels, config.head, config.pooling, config.width, config.drop_last, config.dropout)
+    net = OrientationNet(pre.channels, config.head, config.pooling, config.width, config.drop_last, config.dropout,
+                         config.qcqp_param)
     return pre, net
 
 
@@ -222,7 +223,7 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise CryoforumError("the training loss became NaN/inf.", fix="lower --lr or check the input images.")
                 loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)  # eigh gradients can spike
+                gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
                 self.gnorms.append(float(gnorm))
                 self.opt.step()
                 self.sched.step()
@@ -238,7 +239,8 @@ class Trainer:
                    "train_median_rad": float(np.median(np.concatenate(errs))) if errs else float("nan"),
                    "val_median_rad": float(np.median(val)), "val_median_deg": float(np.degrees(np.median(val))),
                    "lr": float(self.sched.get_last_lr()[0]), "beta1": b1, "beta2": b2,
-                   "seconds": round(time.time() - t0, 2), "gnorm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0}
+                   "seconds": round(time.time() - t0, 2),
+                   "grad_norm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0}
             self.epoch += 1
             self.log.append(row)
             improved = row["val_median_rad"] < self.best

@@ -1,0 +1,1 @@
+"""RELION External job adapter for cryo-forum (see cryoforum_relion.py)."""

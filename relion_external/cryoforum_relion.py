@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""cryo-forum as a RELION External job: translates RELION's contract to the engine and back.
+
+RELION runs:  cryoforum-relion --o External/jobNNN/ --in_parts particles.star [--in_3dref F] [--in_mask F]
+              [--<label> <value> ... (the form's parameters)] --j N [additional arguments]
+              [--pipeline_control External/jobNNN/]
+and expects in --o: the outputs, RELION_OUTPUT_NODES.star, and one exit marker (RELION_JOB_EXIT_SUCCESS,
+_FAILURE or _ABORTED). Progress goes to stdout (run.out), the one-line error to stderr (run.err).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+OUTPUT_NODE_TYPES = {  # file -> (RELION 3.1 integer type, RELION 4/5 type label)
+    "particles": (3, "ParticleGroupMetadata.star.relion"),
+    "map": (6, "DensityMap.mrc"),
+    "model": (8, "ProcessData.pt.cryoforum"),
+}
+ENGINE_JOBS = ("train", "predict", "filter")
+
+
+class JobAborted(Exception):
+    """The user pressed Abort in the RELION GUI (RELION_JOB_ABORT_NOW)."""
+
+
+def build_parser():
+    from cryoforum_plugin import manifest
+
+    parser = argparse.ArgumentParser(prog="cryoforum-relion", description=manifest.job("relion")["help"],
+                                     allow_abbrev=False)
+    parser.add_argument("--o", required=True, help="RELION job directory (External/jobNNN/).")
+    parser.add_argument("--in_parts", default=None, help="Input particle STAR file.")
+    parser.add_argument("--in_3dref", default=None, help="Optional reference map (unused; accepted).")
+    parser.add_argument("--in_mask", default=None, help="Optional mask (unused; accepted).")
+    parser.add_argument("--j", type=int, default=1, help="Threads (CPU).")
+    parser.add_argument("--pipeline_control", default=None, help="Set by RELION; accepted.")
+    manifest.add_arguments(parser, "relion")
+    declared = {a.dest for a in parser._actions}
+    for job in ENGINE_JOBS:  # every engine option is accepted as an additional argument, declared once there
+        for p in manifest.params(job):
+            if p.get("positional") or p["name"] in declared or p["name"] in ("particles", "out", "predicted"):
+                continue
+            sub = argparse.ArgumentParser(add_help=False)
+            manifest.add_arguments_from(sub, [dict(p, required=False)])
+            for action in sub._actions:
+                parser._add_action(action)
+            declared.add(p["name"])
+    return parser
+
+
+def parse(argv):
+    """Parse leniently: unknown arguments are reported in run.out and ignored. A config YAML sets defaults."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.config:
+        cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        args, unknown = parser.parse_known_args(argv)
+    return args, unknown
+
+
+def engine_args(job: str, args, **overrides) -> argparse.Namespace:
+    """A namespace for an engine command: its manifest defaults, the job's values, then ``overrides``."""
+    from cryoforum_plugin import manifest
+
+    values = {p["name"]: p.get("default") for p in manifest.params(job)}
+    values.update({k: getattr(args, k) for k in values if hasattr(args, k)})
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
+    """RELION_OUTPUT_NODES.star with both the 3.1 integer type and the 4/5 label (one file for every version)."""
+    from cryoforum_plugin.atomic import write_text
+
+    lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
+             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
+    for path, kind in nodes:
+        number, label = OUTPUT_NODE_TYPES[kind]
+        lines.append(f"{path} {number} {label}")
+    write_text(job_dir / "RELION_OUTPUT_NODES.star", "\n".join(lines) + "\n \n")
+
+
+def run(args, job_dir: Path) -> list[tuple[str, str]]:
+    """The job itself; returns the output nodes (paths relative to the project directory)."""
+    from cryoforum_plugin.commands import filter as filter_cmd
+    from cryoforum_plugin.commands import predict as predict_cmd
+    from cryoforum_plugin.commands import train as train_cmd
+    from cryoforum_plugin.errors import CryoforumError
+
+    abort_file = job_dir / "RELION_JOB_ABORT_NOW"
+
+    def abort_check():
+        if abort_file.exists():
+            raise JobAborted()
+
+    if not args.in_parts:
+        raise CryoforumError("no input particles.", fix="set 'Input particles' (--in_parts) on the I/O tab.")
+    device = f"cuda:{args.gpu}" if str(args.gpu).strip() else "auto"
+    nodes = []
+    model_dir = job_dir / "model"
+    if args.mode in ("train", "train_predict"):
+        print(f"[cryo-forum] training on {args.in_parts} -> {model_dir}", flush=True)
+        train_cmd.run(engine_args("train", args, particles=args.in_parts, out=str(model_dir), device=device,
+                                  threads=args.j, resume=(model_dir / "last.pt").exists()), abort_check=abort_check)
+        nodes.append((str(model_dir / "best.pt"), "model"))
+    else:
+        if not args.model:
+            raise CryoforumError("mode predict needs a trained model.",
+                                 fix="set 'model' to the model directory of an earlier cryo-forum job.")
+        model_dir = Path(args.model)
+    if args.mode in ("predict", "train_predict"):
+        print(f"[cryo-forum] predicting {args.in_parts} with {model_dir}", flush=True)
+        predict_cmd.run(engine_args("predict", args, particles=args.in_parts, model=str(model_dir),
+                                    out=str(job_dir), format="star", device=device, threads=args.j),
+                        abort_check=abort_check)
+        abort_check()
+        filter_cmd.main(engine_args("filter", args, predicted=str(job_dir / "predicted.star"), out=str(job_dir),
+                                    format="star", model=str(model_dir)))
+        nodes += [(str(job_dir / f"{n}.star"), "particles") for n in ("predicted", "confident", "rejected")]
+        if args.reconstruct == "yes":
+            abort_check()
+            from cryoforum_plugin.commands import reconstruct as rec_cmd
+
+            print("[cryo-forum] reconstructing the confident particles", flush=True)
+            rec_cmd.main(argparse.Namespace(particles=str(job_dir / "confident.star"), out=str(job_dir / "confident_map.mrc"),
+                                            halves=True, sym=args.sym, ctf=True, weights=None, project_dir=None,
+                                            batch=256, device=device))
+            nodes.append((str(job_dir / "confident_map.mrc"), "map"))
+    return nodes
+
+
+def _job_dir(argv) -> Path | None:
+    for i, a in enumerate(argv):
+        if a == "--o" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--o="):
+            return Path(a[4:])
+    return None
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_dir = _job_dir(argv)
+    if job_dir is None:
+        print("cryoforum-relion: error: --o JOB_DIR is required (RELION sets it).", file=sys.stderr)
+        return 2
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for marker in ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED"):
+        (job_dir / marker).unlink(missing_ok=True)
+    from cryoforum_plugin import progress
+    from cryoforum_plugin.errors import CryoforumError
+
+    progress.DEFAULT_STREAM = sys.stdout
+    start = time.time()
+    status = "FAILURE"
+    try:
+        try:
+            args, unknown = parse(argv)
+        except SystemExit:  # argparse has printed its message to stderr (run.err)
+            raise CryoforumError("bad job parameters (see the message above).",
+                                 fix="correct the parameter on the Params tab or in 'Additional arguments'.") from None
+        if unknown:
+            print(f"[cryo-forum] ignoring unknown arguments: {' '.join(unknown)}", flush=True)
+        nodes = run(args, job_dir)
+        write_output_nodes(job_dir, nodes)
+        status = "SUCCESS"
+        print(f"[cryo-forum] done in {time.time() - start:.0f} s", flush=True)
+    except (JobAborted, KeyboardInterrupt):
+        status = "ABORTED"
+        print("[cryo-forum] aborted by the user; outputs written so far are complete files only.", flush=True)
+    except CryoforumError as exc:
+        print(f"cryo-forum error: {exc}", file=sys.stderr)
+    except Exception as exc:  # an unexpected failure still ends the job for RELION, with one clear line
+        print(f"cryo-forum internal error: {type(exc).__name__}: {exc}. Please report it with run.out.",
+              file=sys.stderr)
+        import traceback
+
+        traceback.print_exc(file=sys.stdout)
+    (job_dir / f"RELION_JOB_EXIT_{status}").touch()
+    return 0 if status == "SUCCESS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
