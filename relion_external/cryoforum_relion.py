@@ -136,6 +136,25 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
     return nodes
 
 
+def job_star_text(fn_exe: str = "cryoforum-relion") -> str:
+    """A RELION job.star (3.1 format) that pre-fills the External job form with cryo-forum's parameters from
+    plugin.yaml (label = option name, value = default). Load it in the GUI to start from these settings."""
+    from cryoforum_plugin import manifest
+
+    form = [p for p in manifest.params("relion") if p.get("relion_form")][:10]
+    values = {"fn_exe": fn_exe, "in_3dref": '""', "in_coords": '""', "in_mask": '""', "in_mic": '""',
+              "in_mov": '""', "in_part": '""', "nr_threads": "4", "other_args": '""', "do_queue": "No",
+              "min_dedicated": "1", "qsub": "sbatch", "qsubscript": '""', "queuename": '""'}
+    for i in range(10):
+        p = form[i] if i < len(form) else None
+        default = "" if p is None or p.get("default") is None else str(p["default"])
+        values[f"param{i + 1}_label"] = p["name"] if p else '""'
+        values[f"param{i + 1}_value"] = default if default else '""'
+    rows = "\n".join(f"{k} {v}" for k, v in sorted(values.items()))
+    return ("\n# version 30001\n\ndata_job\n\n_rlnJobType 99\n_rlnJobIsContinue 0\n \n\n# version 30001\n\n"
+            "data_joboptions_values\n\nloop_\n_rlnJobOptionVariable #1\n_rlnJobOptionValue #2\n" + rows + "\n \n")
+
+
 def _job_dir(argv) -> Path | None:
     for i, a in enumerate(argv):
         if a == "--o" and i + 1 < len(argv):
@@ -188,4 +207,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--write-job-star"]:  # regenerate relion_external/cryoforum_job.star from plugin.yaml
+        Path(sys.argv[2]).write_text(job_star_text())
+        sys.exit(0)
     sys.exit(main())
