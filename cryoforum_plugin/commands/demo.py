@@ -1,0 +1,104 @@
+"""``cryoforum demo --out DIR``: the whole job on the embedded map, with a summary table and a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__, manifest
+from ..atomic import write_text
+from ..data import DEFAULT_MAP
+from ._common import resolve_device, set_threads
+
+# Data size, SNR and training length per preset: chosen so that the method visibly works in the time budget.
+PRESETS = {
+    "tiny": dict(n=600, box=32, snr=1.0, max_shift=4.0, junk=0.1,
+                 train=dict(box=32, width=0.125, epochs=3, batch=32, lr=3e-3)),
+    "cpu": dict(n=4000, box=64, snr=1.0, max_shift=4.0, junk=0.1,
+                train=dict(box=64, width=0.25, epochs=30, batch=64, lr=3e-3)),
+    "gpu": dict(n=20000, box=128, snr=0.3, max_shift=8.0, junk=0.1,
+                train=dict(box=128, width=1.0, epochs=50, batch=256, lr=1e-3)),
+}
+# Options beyond the paper's defaults that make training converge in a CPU budget (measured, see RESULTS.md).
+FAST_OPTIONS = dict(qcqp_param="symmetric", augment_psi=True, dropout=0.0, l2=0.0, test_fraction=0.25,
+                    val_fraction=0.15)
+
+
+def add_args(parser):
+    manifest.add_arguments(parser, "demo")
+
+
+def _ns(job: str, **values) -> argparse.Namespace:
+    defaults = {p["name"]: p.get("default") for p in manifest.params(job)}
+    defaults.update(values)
+    return argparse.Namespace(**defaults)
+
+
+def main(args):
+    from . import filter as filter_cmd
+    from . import predict as predict_cmd
+    from . import report as report_cmd
+    from . import simulate as simulate_cmd
+    from . import train as train_cmd
+
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = PRESETS[args.preset]
+    import torch
+
+    log = {"cryoforum": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+           "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads(),
+           "preset": args.preset, "settings": p, "train_options": FAST_OPTIONS, "steps": {}}
+    print(f"cryo-forum demo, preset '{args.preset}' on {device}: {p['n']} particles of the embedded asymmetric map, "
+          f"{p['box']} px, SNR {p['snr']}, random orientations, CTF, shifts up to {p['max_shift']} Å, "
+          f"{p['junk']:.0%} junk; training {p['train']} with {FAST_OPTIONS}", flush=True)
+
+    def step(name, fn):
+        t0 = time.time()
+        result = fn()
+        log["steps"][name] = round(time.time() - t0, 1)
+        write_text(out / "run.log", json.dumps(log, indent=2))
+        print(f"[{name}] done in {log['steps'][name]:.0f} s", flush=True)
+        return result
+
+    sim = out / "simulated"
+    step("simulate", lambda: simulate_cmd.main(_ns("simulate", map=str(DEFAULT_MAP), out=str(sim), n=p["n"], box=p["box"],
+                                                   snr=p["snr"], max_shift=p["max_shift"], junk_fraction=p["junk"],
+                                                   seed=1, device=str(device))))
+    model = out / "model"
+    step("train", lambda: train_cmd.run(_ns("train", particles=str(sim / "particles.star"), out=str(model),
+                                            device=str(device), **p["train"], **FAST_OPTIONS)))
+    step("predict", lambda: predict_cmd.run(_ns("predict", model=str(model), particles=str(sim / "particles.star"),
+                                                out=str(out / "predicted"), device=str(device))))
+    step("filter", lambda: filter_cmd.main(_ns("filter", predicted=str(out / "predicted" / "predicted.star"),
+                                               out=str(out / "filtered"))))
+    from ..images import write_mrc
+    from ..simulation import resized_map
+
+    vol, apix = resized_map(DEFAULT_MAP, p["box"])
+    write_mrc(out / "true_map.mrc", vol.numpy(), apix)
+    summary = step("report", lambda: report_cmd.run(_ns(
+        "report", predicted=str(out / "predicted" / "predicted.star"), truth=str(sim / "truth.star"),
+        out=str(out / "report"), map=str(out / "true_map.mrc"), model=str(model), split="test", device=str(device))))
+    log["summary"] = summary["headline"]
+    log["reconstructions"] = summary.get("reconstructions")
+    write_text(out / "run.log", json.dumps(log, indent=2, default=float))
+    chance = summary["errors_good"]["chance_median_rad"]
+    print("\n=== cryo-forum demo summary (held-out test particles) ===")
+    print(f"{'particles (test split)':<44}{summary['headline']['particles']}")
+    print(f"{'median error, good particles':<44}{summary['errors_good']['median_deg']:.1f}° "
+          f"({summary['errors_good']['median_rad']:.3f} rad; chance {chance:.2f} rad)")
+    print(f"{'median error after dropping 25 % (trace)':<44}{summary['errors_kept_good']['median_deg']:.1f}°")
+    print(f"{'junk dropped at 25 %':<44}{summary['junk']['junk_dropped_fraction']:.0%}")
+    for name, r in (summary.get("reconstructions") or {}).items():
+        print(f"{'resolution, ' + name:<44}{r.get('fsc_vs_truth_0.5_A', float('nan')):.1f} Å (FSC 0.5 vs true map), "
+              f"{r['half_map_fsc_0.143_A']:.1f} Å (half-maps, 0.143)")
+    for name, s in log["steps"].items():
+        print(f"{'time, ' + name:<44}{s:.0f} s")
+    print(f"report: {out / 'report' / 'report.html'}   log: {out / 'run.log'}")
