@@ -337,8 +337,7 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
             particles[_STAR_CTF[key]] = ps.ctf[key]
     if (ps.half_set > 0).any():
         particles["rlnRandomSubset"] = ps.half_set
-    if not from_star:
-        particles[UID_COLUMN] = ps.uid.astype(np.uint64)
+    particles[UID_COLUMN] = ps.uid.astype(np.uint64)  # uids survive moves and renames of the stacks
     for column, values in ps.extra.items():
         particles[column] = np.asarray(values)
     return {"optics": optics, "particles": particles}
