@@ -343,10 +343,14 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
     return {"optics": optics, "particles": particles}
 
 
-def write_star(ps: ParticleSet, path, relative_to=None) -> Path:
+def write_star(ps: ParticleSet, path, relative_to=None, absolute_paths: bool = False) -> Path:
     """Write the set as a RELION 3.1 particle STAR file, atomically. See ``star_tables``; ``relative_to``
-    defaults to the output file's directory."""
-    tables = star_tables(ps, relative_to=relative_to if relative_to is not None else Path(path).resolve().parent)
+    defaults to the output file's directory; ``absolute_paths`` writes absolute stack paths instead."""
+    if absolute_paths:
+        tables = star_tables(ps, relative_to=None)
+        tables["particles"]["rlnImageName"] = [f"{i + 1:06d}@{p}" for i, p in zip(ps.image_index, ps.image_path)]
+    else:
+        tables = star_tables(ps, relative_to=relative_to if relative_to is not None else Path(path).resolve().parent)
     with atomic_path(path) as tmp:
         starfile.write(tables, tmp, float_format="%.6f")
     return Path(path)
@@ -541,11 +545,11 @@ def read_particles(path, project_dir=None) -> ParticleSet:
     raise CryoforumError(f"unknown particle file type '{suffix}'.", path=path, fix="pass a .star or .cs file.")
 
 
-def write_particles(ps: ParticleSet, path, relative_to=None, project_dir=None) -> Path:
+def write_particles(ps: ParticleSet, path, relative_to=None, project_dir=None, absolute_paths: bool = False) -> Path:
     """Write as ``.star`` or ``.cs`` by the file extension."""
     suffix = Path(path).suffix.lower()
     if suffix == ".star":
-        return write_star(ps, path, relative_to=relative_to)
+        return write_star(ps, path, relative_to=relative_to, absolute_paths=absolute_paths)
     if suffix == ".cs":
         return write_cs(ps, path, project_dir=project_dir)
     raise CryoforumError(f"unknown particle file type '{suffix}'.", path=path, fix="name the output .star or .cs.")

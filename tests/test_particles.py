@@ -119,6 +119,9 @@ def test_cs_star_cs_round_trip_is_lossless(tmp_path):
         assert np.allclose(back[f], ds[f], rtol=1e-6, atol=1e-3), f
     assert set(back["blob/path"]) == {"J5/extract/stack.mrc"}
     assert np.array_equal(star.half_set, ds["alignments3D/split"] + 1)
+    assert cli(["convert", str(path), str(out / "abs.star"), "--absolute-paths"]) == 0
+    names = starfile.read(out / "abs.star")["particles"]["rlnImageName"]
+    assert all(n.split("@", 1)[1] == str(proj / "J5" / "extract" / "stack.mrc") for n in names)
 
 
 def test_relion30_star_with_pixel_origins(tmp_path):

@@ -17,6 +17,6 @@ def main(args):
         from ..errors import CryoforumError
 
         raise CryoforumError("output would overwrite the input.", path=out, fix="choose another output name.")
-    relative_to = None if args.absolute_paths else out.resolve().parent
-    write_particles(ps, out, relative_to=relative_to, project_dir=args.project_dir)
+    write_particles(ps, out, relative_to=out.resolve().parent, project_dir=args.project_dir,
+                    absolute_paths=args.absolute_paths)
     print(f"wrote {len(ps)} particles to {out}")
