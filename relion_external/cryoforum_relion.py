@@ -166,6 +166,9 @@ def _job_dir(argv) -> Path | None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        return 0
     job_dir = _job_dir(argv)
     if job_dir is None:
         print("cryoforum-relion: error: --o JOB_DIR is required (RELION sets it).", file=sys.stderr)
