@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from . import geometry, symmetry
+from . import distributed, geometry, symmetry
 from .dataset import ImageSource
 from .particles import PRIOR_ANGLE_COLUMNS, ParticleSet
 from .preprocess import psi_rotation_quats, rotate_images
@@ -50,20 +50,22 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
             abort_check=None) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    distributed.init_from_env()
+    device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     pre, net, state = load_model(model_dir, device)
     cfg = state["config"]
     group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
     amp = device.type == "cuda"
     source = ImageSource(ps, cache_bytes=0)
     n = len(ps)
+    mine = distributed.shard(n)  # all rows when not distributed
     quat = np.zeros((n, 4), np.float32)
     evals = np.zeros((n, 4), np.float32) if cfg["head"] == "qcqp" else None
     angles = [360.0 * k / tta for k in range(tta)]
-    bar = Progress(n, "predict", enabled=progress)
+    bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main())
     start = time.time()
-    for lo in range(0, n, batch):
-        rows = np.arange(lo, min(n, lo + batch))
+    for lo in range(0, len(mine), batch):
+        rows = mine[lo:lo + batch]
         raw = source.batch(rows).to(device, non_blocking=True)
         qs, evs = [], []
         for a in angles:
@@ -89,6 +91,10 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         torch.cuda.synchronize()
     seconds = time.time() - start
     source.close()
+    merged = distributed.gather_rows(mine, {"quat": quat[mine], "evals": None if evals is None else evals[mine]}, n)
+    if merged is None:  # not rank 0: rank 0 writes the merged output
+        return None
+    quat, evals = merged["quat"], merged["evals"]
     if evals is not None:
         disp = dispersions(evals)
     else:  # heads without a Bingham: no uncertainty; zeros keep the columns well-defined

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, geometry, symmetry
+from . import __version__, distributed, geometry, symmetry
 from .atomic import atomic_path, write_text
 from .dataset import ImageSource, split_rows
 from .errors import CryoforumError
@@ -112,8 +112,10 @@ class Trainer:
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
                                  fix="train on a refinement's particles (e.g. Refine3D run_data.star, a cryoSPARC "
                                      "refinement's particles with alignments3D).")
+        self.rank, self.world = distributed.init_from_env()
+        device = distributed.local_device(device)
         self.ps, self.out, self.cfg, self.device = ps, Path(out_dir), config, device
-        self.progress, self.abort_check = progress, abort_check
+        self.progress, self.abort_check = progress and self.rank == 0, abort_check
         self.amp = amp and device.type == "cuda"
         self.out.mkdir(parents=True, exist_ok=True)
         symmetry.canonical_name(config.sym)
@@ -139,7 +141,12 @@ class Trainer:
         self.pre.fit(sample)
         self.pre.to(device)
         self.net.to(device)
-        self.steps_per_epoch = math.ceil(len(self.split["train"]) / config.batch)
+        self.model = self.net  # the bare network (checkpoints, L2); self.net may be its DDP wrapper
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[device] if device.type == "cuda" else None)
+        self.per_rank = len(self.split["train"]) // self.world
+        self.steps_per_epoch = math.ceil(self.per_rank / config.batch)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=config.lr, epochs=config.epochs,
                                                          steps_per_epoch=self.steps_per_epoch, cycle_momentum=True,
@@ -179,7 +186,7 @@ class Trainer:
             i, j = sample_pairs(true_all, self.cfg.pairs_per_batch, self.cfg.pairs, self.gen)
             pred_d = self.dist(out["quat"][i], out["quat"][j])
             total = total + b2 * (pred_d - true_all[i, j]).abs().mean()
-        total = total + self.cfg.l2 * self.net.l2_penalty()
+        total = total + self.cfg.l2 * self.model.l2_penalty()
         return total, err.detach()
 
     # ------------------------------------------------------------------ loop
@@ -202,11 +209,13 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         total_steps = cfg.epochs * self.steps_per_epoch
-        self._write_meta()
+        if self.rank == 0:
+            self._write_meta()
         while self.epoch < cfg.epochs:
             t0 = time.time()
             self.net.train()
             perm = self.split["train"][torch.randperm(len(self.split["train"]), generator=self.gen).numpy()]
+            perm = perm[: self.per_rank * self.world][self.rank::self.world]  # same permutation on every rank
             bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress)
             losses, errs = [], []
             self.gnorms = []
@@ -246,7 +255,9 @@ class Trainer:
             improved = row["val_median_rad"] < self.best
             if improved:
                 self.best = row["val_median_rad"]
-            self._checkpoint(improved)
+            if self.rank == 0:
+                self._checkpoint(improved)
+            distributed.barrier()
             if self.progress:
                 print(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  train {row['train_median_rad']:.3f} rad  "
                       f"val {row['val_median_rad']:.3f} rad ({row['val_median_deg']:.1f}°)  {row['seconds']:.1f} s"
@@ -267,7 +278,7 @@ class Trainer:
 
     def _state(self, full: bool) -> dict:
         state = {"config": dataclasses.asdict(self.cfg), "preprocess": self.pre.state_dict(),
-                 "model": self.net.state_dict(), "epoch": self.epoch, "best": self.best,
+                 "model": self.model.state_dict(), "epoch": self.epoch, "best": self.best,
                  "trace_scale": getattr(self, "trace_scale", 1.0)}
         if full:
             state.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), log=self.log,
@@ -299,7 +310,7 @@ class Trainer:
             raise CryoforumError("the checkpoint was trained with other options.", path=path,
                                  fix="resume with the same options, or train into a new --out directory.")
         self.pre.load_state_dict(state["preprocess"])
-        self.net.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.epoch, self.best, self.log = state["epoch"], state["best"], state["log"]

@@ -34,6 +34,8 @@ def run(args, abort_check=None):
     ps.validate_images()
     pred = predict(ps, args.model, device=resolve_device(args.device), batch=args.batch, tta=args.tta,
                    abort_check=abort_check)
+    if pred is None:  # a non-zero rank of a distributed run: rank 0 writes the merged output
+        return None, None
     out = with_predictions(ps, pred)
     written = write_predictions(out, args.out, args.particles, args.format, project_dir=args.project_dir)
     print(f"predicted {len(ps)} particles in {pred.seconds:.1f} s ({pred.particles_per_second:,.0f} particles/s) "

@@ -19,6 +19,8 @@ def run(args, abort_check=None) -> dict:
     if args.resume and trainer.resume():
         print(f"resumed from {args.out}/last.pt at epoch {trainer.epoch}")
     summary = trainer.train()
+    if trainer.rank != 0:
+        return summary
     print(f"best validation median error {summary['best_val_median_rad']:.4f} rad "
           f"({summary['best_val_median_rad'] * 57.29578:.2f}°) -> {args.out}/best.pt")
     return summary
