@@ -1,0 +1,14 @@
+"""``cryoforum cryosparc run --project P --workspace W --train J12:particles [--predict J20:particles]``."""
+
+from .. import manifest
+from ..cryosparc_job import run
+
+
+def add_args(parser):
+    manifest.add_arguments(parser, "cryosparc")
+
+
+def main(args):
+    s = run(args)
+    print(f"cryoSPARC job {s['job']}: {s['particles']} particles predicted, {s['confident']} confident, "
+          f"{s['rejected']} rejected; model in {s['model']}")

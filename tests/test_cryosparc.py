@@ -1,0 +1,93 @@
+"""The cryoSPARC adapter with the real cryosparc-tools 5.0 client against a loopback CryoSPARC API
+(tests/loopback_cryosparc.py), whose project directory holds the stacks the .cs rows point to."""
+
+import numpy as np
+import pytest
+from cryosparc.dataset import Dataset
+
+from cryoforum_plugin import geometry
+from cryoforum_plugin.cli import main as cli
+from cryoforum_plugin.data import DEFAULT_MAP
+
+import loopback_cryosparc
+
+FAST = ["--epochs", "1", "--box", "32", "--width", "0.125", "--device", "cpu"]
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    proj = tmp_path / "P1"
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(proj / "J5"), "--n", "80", "--box", "32", "--snr", "1",
+                "--seed", "3"]) == 0
+    ds = Dataset.load(str(proj / "J5" / "particles.cs"))
+    ds["blob/path"] = np.array([">J5/particles.mrcs"] * len(ds), dtype=object)  # project-relative, exported form
+    ds.save(str(proj / "J5" / "J5_particles.cs"))
+    no_pose = ds.copy().drop_fields([f for f in ds.fields() if f.startswith("alignments3D")])
+    no_pose.save(str(proj / "J5" / "J5_extracted.cs"))
+    srv, state, url = loopback_cryosparc.start(proj)
+    state.add_source_job("J5", "particles", proj / "J5" / "J5_particles.cs")
+    state.add_source_job("J7", "particles", proj / "J5" / "J5_extracted.cs")
+    monkeypatch.setenv("CRYOSPARC_EMAIL", "test@example.org")
+    monkeypatch.setenv("CRYOSPARC_PASSWORD", "secret")
+    yield state, url, ds
+    srv.shutdown()
+
+
+def run(url, *args):
+    return cli(["cryosparc", "run", "--url", url, "--project", "P1", "--workspace", "W1", *args])
+
+
+def test_train_predict_pushes_back_poses_subsets_and_uncertainty(server):
+    state, url, ds = server
+    assert run(url, "--train", "J5:particles", *FAST) == 0
+    job = next(j for j in state.jobs.values() if j["spec"]["type"] == "snowflake")
+    assert job["status"] == "completed"
+    uid = job["uid"]
+    pred = Dataset.load(str(state.datasets[(uid, "predicted")]))
+    conf = Dataset.load(str(state.datasets[(uid, "confident")]))
+    rej = Dataset.load(str(state.datasets[(uid, "rejected")]))
+    assert set(pred["uid"]) == set(ds["uid"])  # the ORIGINAL particles: same uids
+    assert set(conf["uid"]) | set(rej["uid"]) == set(ds["uid"]) and len(rej) == 20 and len(conf) == 60
+    assert not set(conf["uid"]) & set(rej["uid"])
+    q = geometry.cryosparc_pose_to_quat(pred["alignments3D/pose"])
+    assert np.allclose(np.linalg.norm(q, axis=1), 1) and np.allclose(pred["alignments3D/shift"], ds["alignments3D/shift"], atol=1e-4)
+    side = Dataset.load(str(state.project_dir / uid / "cryoforum_uncertainty.cs"))
+    assert set(side["uid"]) == set(ds["uid"]) and (side["cryoforum/trace_dispersion"] <= 0).all()
+    assert (state.project_dir / uid / "model" / "best.pt").exists()
+    progress = [e for e in state.events if e.get("job") == uid and e["type"] == "text"]
+    assert len(progress) == 1 and progress[0]["text"].startswith("done:")  # one updating line, not thousands
+    assert len([i for i in state.images if i["job"] == uid]) == 2  # training curve and uncertainty plots
+    # predict-only with the model of the first job, on particles without poses
+    assert run(url, "--predict", "J7:particles", "--model", str(state.project_dir / uid / "model"), "--device", "cpu") == 0
+    second = max(state.jobs, key=lambda u: int(u[1:]))
+    assert state.jobs[second]["status"] == "completed" and not (state.project_dir / second / "model").exists()
+
+
+def test_inputs_without_poses_fail_clearly(server, capsys):
+    state, url, _ = server
+    assert run(url, "--train", "J7:particles", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "alignments3D" in err and "Fix:" in err and "Traceback" not in err
+    job = max(state.jobs.values(), key=lambda j: j["uid_num"])
+    assert job["status"] == "failed" and not any(k[0] == job["uid"] for k in state.datasets)
+
+
+def test_server_error_during_save_marks_failed_without_outputs(server, capsys):
+    state, url, _ = server
+    state.fail_next["jobs.save_output"] = 500
+    assert run(url, "--train", "J5:particles", *FAST) == 2
+    job = max(state.jobs.values(), key=lambda j: j["uid_num"])
+    assert job["status"] == "failed"
+    assert not any(k[0] == job["uid"] for k in state.datasets)  # nothing half-saved
+    assert any(e["type"] == "error" and "cryo-forum" in e["text"] for e in state.events)
+    assert "CryoSPARC request failed" in capsys.readouterr().err
+
+
+def test_dropped_connection_is_retried_and_a_dead_server_fails_cleanly(server, capsys):
+    state, url, _ = server
+    state.fail_next["jobs.load_input"] = 0  # the connection drops once: the client retries
+    with pytest.warns(UserWarning, match="attempt 1/3"):
+        assert run(url, "--train", "J5:particles", *FAST) == 0
+    assert cli(["cryosparc", "run", "--url", "http://127.0.0.1:9", "--project", "P1", "--workspace", "W1",
+                "--train", "J5:particles"]) == 2
+    assert "cannot connect to CryoSPARC" in capsys.readouterr().err
