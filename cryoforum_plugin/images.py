@@ -121,27 +121,44 @@ def write_mrc(path, data: np.ndarray, pixel_size: float) -> None:
 
 
 class StackWriter:
-    """Appends images to a new MRC stack in chunks (bounded memory); renamed into place on ``close``."""
+    """Appends images to a new MRC stack in chunks; renamed into place on ``close``.
+
+    The header is written by mrcfile; the data go through ordinary file writes (not a writable memory map), so the
+    process never holds the stack's pages: memory stays flat whatever the particle count.
+    """
+
+    HEADER_BYTES = 1024
 
     def __init__(self, path, n_images: int, box: int, pixel_size: float):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
-        self._mrc = mrcfile.new_mmap(str(self._tmp), shape=(n_images, box, box), mrc_mode=2, overwrite=True)
-        self._mrc.set_image_stack()
-        self._mrc.voxel_size = pixel_size
-        self._pos = 0
+        with mrcfile.new_mmap(str(self._tmp), shape=(n_images, box, box), mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = pixel_size
+            assert mrc.header.nsymbt == 0
+        self._fh = open(self._tmp, "r+b")
+        self._pos, self._box = 0, box
+        self._min, self._max, self._sum, self._sumsq, self._count = np.inf, -np.inf, 0.0, 0.0, 0
 
     def write(self, images: np.ndarray) -> None:
-        n = len(images)
-        self._mrc.data[self._pos:self._pos + n] = images
-        self._pos += n
+        data = np.ascontiguousarray(images, dtype="<f4")
+        self._fh.seek(self.HEADER_BYTES + self._pos * self._box * self._box * 4)
+        self._fh.write(data.tobytes())
+        self._pos += len(data)
+        self._min, self._max = min(self._min, float(data.min())), max(self._max, float(data.max()))
+        self._sum += float(data.sum(dtype=np.float64))
+        self._sumsq += float((data.astype(np.float64) ** 2).sum())
+        self._count += data.size
 
     def close(self) -> None:
-        self._mrc.update_header_stats()
-        self._mrc.close()
+        self._fh.close()
+        with mrcfile.mmap(str(self._tmp), mode="r+") as mrc:  # header only: the data pages are not touched
+            mean = self._sum / max(self._count, 1)
+            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = self._min, self._max, mean
+            mrc.header.rms = np.sqrt(max(self._sumsq / max(self._count, 1) - mean**2, 0.0))
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._mrc.close()
+        self._fh.close()
         self._tmp.unlink(missing_ok=True)
