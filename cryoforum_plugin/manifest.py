@@ -48,6 +48,15 @@ def defaults(job_name: str) -> dict:
     return {p["name"]: p.get("default") for p in params(job_name) if not p.get("positional")}
 
 
+def namespace(job_name: str, **values) -> argparse.Namespace:
+    """An argparse-like namespace for a job: its declared defaults overridden by ``values`` (for adapters and
+    the demo, which call the command modules without a command line)."""
+    ns = defaults(job_name)
+    ns.update({p["name"]: None for p in params(job_name) if p.get("positional")})
+    ns.update(values)
+    return argparse.Namespace(**ns)
+
+
 def _help(p: dict) -> str:
     text = p.get("help", "")
     extra = []

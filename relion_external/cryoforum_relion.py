@@ -69,10 +69,8 @@ def engine_args(job: str, args, **overrides) -> argparse.Namespace:
     """A namespace for an engine command: its manifest defaults, the job's values, then ``overrides``."""
     from cryoforum_plugin import manifest
 
-    values = {p["name"]: p.get("default") for p in manifest.params(job)}
-    values.update({k: getattr(args, k) for k in values if hasattr(args, k)})
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    values = {p["name"]: getattr(args, p["name"]) for p in manifest.params(job) if hasattr(args, p["name"])}
+    return manifest.namespace(job, **{**values, **overrides})
 
 
 def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
@@ -129,9 +127,8 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
             from cryoforum_plugin.commands import reconstruct as rec_cmd
 
             print("[cryo-forum] reconstructing the confident particles", flush=True)
-            rec_cmd.main(argparse.Namespace(particles=str(job_dir / "confident.star"), out=str(job_dir / "confident_map.mrc"),
-                                            halves=True, sym=args.sym, ctf=True, weights=None, project_dir=None,
-                                            batch=256, device=device))
+            rec_cmd.main(engine_args("reconstruct", args, particles=str(job_dir / "confident.star"),
+                                     out=str(job_dir / "confident_map.mrc"), halves=True, device=device))
             nodes.append((str(job_dir / "confident_map.mrc"), "map"))
     return nodes
 

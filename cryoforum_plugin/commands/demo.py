@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -30,12 +29,6 @@ FAST_OPTIONS = dict(qcqp_param="symmetric", augment_psi=True, dropout=0.0, l2=0.
 
 def add_args(parser):
     manifest.add_arguments(parser, "demo")
-
-
-def _ns(job: str, **values) -> argparse.Namespace:
-    defaults = {p["name"]: p.get("default") for p in manifest.params(job)}
-    defaults.update(values)
-    return argparse.Namespace(**defaults)
 
 
 def main(args):
@@ -68,22 +61,22 @@ def main(args):
         return result
 
     sim = out / "simulated"
-    step("simulate", lambda: simulate_cmd.main(_ns("simulate", map=str(DEFAULT_MAP), out=str(sim), n=p["n"], box=p["box"],
+    step("simulate", lambda: simulate_cmd.main(manifest.namespace("simulate", map=str(DEFAULT_MAP), out=str(sim), n=p["n"], box=p["box"],
                                                    snr=p["snr"], max_shift=p["max_shift"], junk_fraction=p["junk"],
                                                    seed=1, device=str(device))))
     model = out / "model"
-    step("train", lambda: train_cmd.run(_ns("train", particles=str(sim / "particles.star"), out=str(model),
+    step("train", lambda: train_cmd.run(manifest.namespace("train", particles=str(sim / "particles.star"), out=str(model),
                                             device=str(device), **p["train"], **FAST_OPTIONS)))
-    step("predict", lambda: predict_cmd.run(_ns("predict", model=str(model), particles=str(sim / "particles.star"),
+    step("predict", lambda: predict_cmd.run(manifest.namespace("predict", model=str(model), particles=str(sim / "particles.star"),
                                                 out=str(out / "predicted"), device=str(device))))
-    step("filter", lambda: filter_cmd.main(_ns("filter", predicted=str(out / "predicted" / "predicted.star"),
+    step("filter", lambda: filter_cmd.main(manifest.namespace("filter", predicted=str(out / "predicted" / "predicted.star"),
                                                out=str(out / "filtered"))))
     from ..images import write_mrc
     from ..simulation import resized_map
 
     vol, apix = resized_map(DEFAULT_MAP, p["box"])
     write_mrc(out / "true_map.mrc", vol.numpy(), apix)
-    summary = step("report", lambda: report_cmd.run(_ns(
+    summary = step("report", lambda: report_cmd.run(manifest.namespace(
         "report", predicted=str(out / "predicted" / "predicted.star"), truth=str(sim / "truth.star"),
         out=str(out / "report"), map=str(out / "true_map.mrc"), model=str(model), split="test", device=str(device))))
     log["summary"] = summary["headline"]
