@@ -49,7 +49,8 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
             abort_check=None) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
-    averaged (test-time augmentation; 1 = off)."""
+    averaged (test-time augmentation; 1 = off). Under torchrun each process predicts its block and rank 0 returns
+    the merged result in row order; the other ranks return None."""
     distributed.init_from_env()
     device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     pre, net, state = load_model(model_dir, device)

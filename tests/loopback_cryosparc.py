@@ -8,7 +8,6 @@ are this server's own (the client reads them from openapi.json and hard-codes no
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import re
@@ -275,8 +274,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def op_jobs_get_output_fields(self, a, q, body):
         out = self.state.jobs[a["job_uid"]]["spec"]["outputs"][a["output_name"]]
-        from cryosparc.dataset import Dataset as D  # noqa: F401
-
         fields = {"alignments3D": [["alignments3D/pose", "<f4", [3]], ["alignments3D/shift", "<f4", [2]],
                                    ["alignments3D/psize_A", "<f4"], ["alignments3D/split", "<u4"],
                                    ["alignments3D/error", "<f4"]],

@@ -1,8 +1,5 @@
 """The particle data layer: STAR 3.0/3.1 and .cs I/O, round trips, image access and bad input."""
 
-import os
-import shutil
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -15,7 +12,7 @@ from cryoforum_plugin import geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.images import StackReader
-from cryoforum_plugin.particles import read_cs, read_particles, read_star, to_dataset, write_cs, write_star
+from cryoforum_plugin.particles import read_cs, read_star, write_cs, write_star
 
 from conftest import SHARED
 
