@@ -37,14 +37,20 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    ok = False
     try:
         result = args._main(args)
+        ok = True
     except CryoforumError as exc:
         print(f"cryoforum {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryoforum {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import shutdown
+
+        shutdown(wait=ok)  # no-op unless started by torchrun
     return int(result or 0)
 
 

@@ -44,6 +44,15 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def shutdown(wait: bool = True) -> None:
+    """End a distributed run cleanly: wait for every rank (unless this one failed), then destroy the process group
+    (an exit with a live gloo/NCCL group can abort the process)."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
