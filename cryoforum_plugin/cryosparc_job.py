@@ -78,11 +78,9 @@ def _fill_alignments(out, ps, rows=None):
 
 
 def _plot_log(job, trainer_log, unc):
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if trainer_log:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.plot([r["epoch"] for r in trainer_log], [r["val_median_deg"] for r in trainer_log], label="validation")

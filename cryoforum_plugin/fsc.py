@@ -56,14 +56,9 @@ def fsc_table(curve: np.ndarray, box: int, pixel_size: float) -> list[dict]:
 
 def plot_fsc(curves: dict[str, np.ndarray], box: int, pixel_size: float, path, title: str = "FSC") -> None:
     """Write a PNG of one or more FSC curves with the 0.143 and 0.5 thresholds."""
-    import matplotlib
+    from .plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, c in curves.items():
         ax.plot(np.arange(len(c)) / (box * pixel_size), c, label=label)
     for t in (0.143, 0.5):
@@ -74,6 +69,4 @@ def plot_fsc(curves: dict[str, np.ndarray], box: int, pixel_size: float, path, t
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -199,12 +199,4 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
 
 def write_truth(ps: ParticleSet, junk: np.ndarray, path, relative_to=None) -> None:
     """``truth.star``: the particles with their true poses and shifts plus the junk label column."""
-    import starfile
-
-    from .atomic import atomic_path
-    from .particles import star_tables
-
-    tables = star_tables(ps, relative_to=relative_to)
-    tables["particles"][JUNK_COLUMN] = junk
-    with atomic_path(path) as tmp:
-        starfile.write(tables, tmp, float_format="%.6f")
+    write_star(dataclasses.replace(ps, extra={**ps.extra, JUNK_COLUMN: junk}), path, relative_to=relative_to)

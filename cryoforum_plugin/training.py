@@ -21,10 +21,12 @@ from . import __version__, distributed, geometry, symmetry
 from .atomic import atomic_path, write_text
 from .dataset import ImageSource, split_rows
 from .errors import CryoforumError
+from .fourier import fft2c, ifft2c
 from .model import OrientationNet
 from .particles import ParticleSet
 from .preprocess import Preprocess, psi_rotation_quats, rotate_images
 from .progress import Progress
+from .projection import shift_phase
 
 N_DISTANCE_BINS = 8
 GRAD_CLIP = 10.0  # global gradient-norm clip: eigh's backward can spike when eigenvalues nearly coincide
@@ -168,9 +170,6 @@ class Trainer:
             r = torch.as_tensor(psi_rotation_quats(a.numpy()), dtype=torch.float32, device=self.device)
             target = geometry.quat_mul(r, target)
         if augment and self.cfg.augment_shift > 0:  # re-centring noise: the pose does not change
-            from .fourier import fft2c, ifft2c
-            from .projection import shift_phase
-
             s = (torch.rand(len(rows), 2, generator=self.gen) * 2 - 1) * self.cfg.augment_shift
             raw = ifft2c(fft2c(raw) * shift_phase(s.to(self.device), raw.shape[-1])).real
         return self.pre(raw), target

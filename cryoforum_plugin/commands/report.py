@@ -18,6 +18,7 @@ from ..evaluation import errors, match_rows, summarize
 from ..fsc import fsc_curve, plot_fsc, resolution
 from ..images import read_map, write_mrc
 from ..particles import read_particles
+from ..plots import pyplot, save_png
 from ..reconstruction import reconstruct
 from ..simulation import JUNK_KINDS
 from ._common import resolve_device
@@ -27,26 +28,9 @@ def add_args(parser):
     manifest.add_arguments(parser, "report")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path):
-    from ..atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    _plt().close(fig)
-
-
 def figures(out: Path, err, unc, keep, junk, rc, ps_pred) -> list[str]:
     """Scatter, risk-coverage and orientation-distribution PNGs; returns their file names."""
-    plt = _plt()
+    plt = pyplot()
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, stat in zip(axes, ("trace", "max")):
@@ -58,7 +42,7 @@ def figures(out: Path, err, unc, keep, junk, rc, ps_pred) -> list[str]:
         ax.set_ylabel("error (degrees)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, out / "uncertainty_vs_error.png")
+    save_png(fig, out / "uncertainty_vs_error.png")
     names.append("uncertainty_vs_error.png")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for stat, curve in rc.items():
@@ -67,7 +51,7 @@ def figures(out: Path, err, unc, keep, junk, rc, ps_pred) -> list[str]:
     ax.set_ylabel("median error of kept (degrees)")
     ax.legend()
     fig.tight_layout()
-    _save(fig, out / "risk_coverage.png")
+    save_png(fig, out / "risk_coverage.png")
     names.append("risk_coverage.png")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), subplot_kw={"projection": "mollweide"})
     d = geometry.viewing_direction(ps_pred.quat)
@@ -77,7 +61,7 @@ def figures(out: Path, err, unc, keep, junk, rc, ps_pred) -> list[str]:
         ax.set_title(f"{title} ({int(mask.sum())}): predicted viewing directions", fontsize=9)
         ax.grid(True)
     fig.tight_layout()
-    _save(fig, out / "orientations.png")
+    save_png(fig, out / "orientations.png")
     names.append("orientations.png")
     return names
 
