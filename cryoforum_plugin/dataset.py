@@ -1,14 +1,53 @@
-"""Particle images for the engine: batches read from the stacks (memory-mapped, bounded open files), with an
-optional in-memory cache for sets that fit, and the train/validation/test split."""
+"""Particle images for the engine: batches read from the stacks (positional reads, bounded open files) by loader
+processes that run ahead of the network, an in-memory cache for sets that fit, and the train/validation/test split.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import geometry
+from .errors import CryoforumError
 from .images import StackReader
 from .particles import ParticleSet
+
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(device: torch.device) -> int:
+    """Loader processes for ``--workers -1``: on a GPU one per spare core of this rank's share (at most 8); on
+    the CPU none, since the forward pass already uses every core (benchmarks/RESULTS.md)."""
+    if device.type != "cuda":
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // local - 1))
+
+
+class _RowBatches(torch.utils.data.Dataset):
+    """Item i = (rows, (B, N, N) images) of the i-th batch of rows; each loader process opens its own files.
+    A CryoforumError travels back as its fields, so the main process prints it as one line."""
+
+    def __init__(self, paths: np.ndarray, indices: np.ndarray, batches: Sequence[np.ndarray]):
+        self.paths, self.indices, self.batches = paths, indices, batches
+        self.reader = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        rows = np.asarray(self.batches[i])
+        if self.reader is None:
+            self.reader = StackReader()
+        try:
+            return rows, torch.from_numpy(self.reader.read(self.paths[rows], self.indices[rows])), None
+        except CryoforumError as exc:
+            return rows, None, {"message": exc.message, "path": exc.path and str(exc.path), "row": exc.row,
+                                "fix": exc.fix}
 
 
 class ImageSource:
@@ -32,6 +71,23 @@ class ImageSource:
         if self._cache is not None:
             return self._cache[torch.as_tensor(rows)]
         return torch.from_numpy(self.reader.read(self.ps.image_path[rows], self.ps.image_index[rows]))
+
+    def batches(self, batches: Sequence[np.ndarray], workers: int = 0,
+                pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (rows, (B, N, N) images) for each array of rows in ``batches``, in order. With ``workers`` > 0 and
+        a streamed set, that many processes read ahead (2 batches each); ``pin_memory`` for fast copies to a GPU."""
+        if self._cache is not None or workers <= 0 or len(batches) <= 1:
+            for rows in batches:
+                images = self.batch(rows)
+                yield np.asarray(rows), images.pin_memory() if pin_memory and self._cache is None else images
+            return
+        loader = torch.utils.data.DataLoader(
+            _RowBatches(self.ps.image_path, self.ps.image_index, batches), batch_size=None, shuffle=False,
+            num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2)
+        for rows, images, error in loader:  # the loader hands numpy rows back as tensors
+            if error is not None:
+                raise CryoforumError(error["message"], path=error["path"], row=error["row"], fix=error["fix"])
+            yield rows.numpy(), images
 
     def close(self) -> None:
         self.reader.close()

@@ -1,4 +1,5 @@
-"""Images and maps through mrcfile: memory-mapped stacks, a bounded number of open files, atomic writes."""
+"""Images and maps through mrcfile: stacks read image by image (positional reads, a bounded number of open files),
+maps, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import os
 from pathlib import Path
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 
 from .atomic import atomic_path
 from .errors import CryoforumError
 
 
-def _open(path):
+def _open(path, header_only: bool = False):
     try:
+        if header_only:
+            return mrcfile.open(str(path), mode="r", permissive=True, header_only=True)
         return mrcfile.mmap(str(path), mode="r", permissive=True)
     except FileNotFoundError:
         raise CryoforumError("image stack not found.", path=path,
@@ -25,39 +29,71 @@ def _open(path):
 
 
 def stack_shape(path) -> tuple[int, int, int]:
-    """(n_images, ny, nx) of an MRC stack, from its header only."""
-    with _open(path) as mrc:
-        data = mrc.data
-        if data is None:
-            raise CryoforumError("MRC file has no data.", path=path, fix="re-extract the particles.")
-        return (1, *data.shape) if data.ndim == 2 else tuple(data.shape)
+    """(n_images, ny, nx) of an MRC stack, from its header (checked against the file size)."""
+    stack = _Stack(str(path))
+    stack.close()
+    return stack.shape
+
+
+class _Stack:
+    """An open MRC stack read with positional reads: the header says where the images are and how they are
+    stored; ``read(indices)`` fetches only those images."""
+
+    def __init__(self, path: str):
+        with _open(path, header_only=True) as mrc:
+            header = mrc.header
+            self.dtype = mrcfile.utils.data_dtype_from_header(header)
+            shape = mrcfile.utils.data_shape_from_header(header)
+            self.offset = header.nbytes + int(header.nsymbt)
+        self.shape = (1, *shape) if len(shape) == 2 else tuple(int(s) for s in shape)
+        if len(self.shape) != 3:
+            raise CryoforumError(f"expected an image stack, found a {len(self.shape)}-D array.", path=path,
+                                 fix="particle images must be a 2-D image or a stack (.mrcs).")
+        self.image_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+        available = (os.fstat(self.fd).st_size - self.offset) // max(self.image_bytes, 1)
+        if available < self.shape[0]:
+            os.close(self.fd)
+            raise CryoforumError(f"the file is truncated: the header announces {self.shape[0]} images, the file "
+                                 f"holds {available}.", path=path, fix="re-extract or re-copy the stack.")
+
+    def read(self, indices: np.ndarray, out: np.ndarray) -> None:
+        """Images at sorted ``indices`` into ``out`` (len(indices), ny, nx) float32; one read per run of
+        consecutive indices."""
+        breaks = np.nonzero(np.diff(indices) != 1)[0] + 1
+        for run_start, run_stop in zip(np.r_[0, breaks], np.r_[breaks, len(indices)]):
+            first, count = int(indices[run_start]), int(run_stop - run_start)
+            raw = os.pread(self.fd, count * self.image_bytes, self.offset + first * self.image_bytes)
+            out[run_start:run_stop] = np.frombuffer(raw, self.dtype).reshape(count, *self.shape[1:])
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class StackReader:
     """Reads particle images from many MRC stacks, keeping at most ``max_open`` files open (LRU).
 
-    Images are memory-mapped: only the requested images are read; float16 and int16 stacks are
-    returned as float32.
+    Only the requested images are read, with positional reads (no memory map: the process never holds a stack's
+    pages, so its memory stays flat however large the stacks are); int8, int16, uint16 and float16 stacks are
+    returned as float32. Safe to use in forked worker processes.
     """
 
     def __init__(self, max_open: int = 64):
         self.max_open = max_open
-        self._handles: collections.OrderedDict[str, mrcfile.mrcfile.MrcFile] = collections.OrderedDict()
+        self._stacks: collections.OrderedDict[str, _Stack] = collections.OrderedDict()
 
-    def _get(self, path: str):
-        handle = self._handles.pop(path, None)
-        if handle is None:
-            handle = _open(path)
-            if handle.data is None:
-                raise CryoforumError("MRC file has no data.", path=path, fix="re-extract the particles.")
-            while len(self._handles) >= self.max_open:
-                self._handles.popitem(last=False)[1].close()
-        self._handles[path] = handle
-        return handle
+    def _get(self, path: str) -> _Stack:
+        stack = self._stacks.pop(path, None)
+        if stack is None:
+            stack = _Stack(path)
+            while len(self._stacks) >= self.max_open:
+                self._stacks.popitem(last=False)[1].close()
+        self._stacks[path] = stack
+        return stack
 
     @property
     def n_open(self) -> int:
-        return len(self._handles)
+        return len(self._stacks)
 
     def read(self, paths, indices) -> np.ndarray:
         """Images for (B,) stack paths and (B,) 0-based indices -> (B, ny, nx) float32, in the given order."""
@@ -66,8 +102,7 @@ class StackReader:
         out = None
         for path in dict.fromkeys(paths.tolist()):
             sel = np.nonzero(paths == path)[0]
-            data = self._get(path).data
-            stack = data[None] if data.ndim == 2 else data
+            stack = self._get(path)
             idx = indices[sel]
             if idx.min() < 0 or idx.max() >= stack.shape[0]:
                 bad = int(sel[np.argmax((idx < 0) | (idx >= stack.shape[0]))])
@@ -76,13 +111,18 @@ class StackReader:
                                      fix="check rlnImageName / blob/idx against the stack.")
             if out is None:
                 out = np.empty((len(paths), *stack.shape[1:]), dtype=np.float32)
-            order = np.argsort(idx)  # sequential reads from the memory map
-            out[sel[order]] = stack[idx[order]]
+            elif out.shape[1:] != stack.shape[1:]:
+                raise CryoforumError(f"images of {stack.shape[2]} px among images of {out.shape[2]} px.",
+                                     path=path, fix="all particles of a job must share one box size.")
+            order = np.argsort(idx, kind="stable")
+            part = np.empty((len(sel), *stack.shape[1:]), dtype=np.float32)
+            stack.read(idx[order], part)
+            out[sel[order]] = part
         return out if out is not None else np.empty((0, 0, 0), np.float32)
 
     def close(self) -> None:
-        while self._handles:
-            self._handles.popitem()[1].close()
+        while self._stacks:
+            self._stacks.popitem()[1].close()
 
     def __enter__(self):
         return self

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import distributed, geometry, symmetry
-from .dataset import ImageSource
+from .dataset import ImageSource, auto_workers
 from .particles import PRIOR_ANGLE_COLUMNS, ParticleSet
 from .preprocess import psi_rotation_quats, rotate_images
 from .progress import Progress
@@ -47,10 +47,11 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
 
 @torch.no_grad()
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
-            abort_check=None) -> Prediction:
+            abort_check=None, workers: int = -1) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
-    averaged (test-time augmentation; 1 = off). Under torchrun each process predicts its block and rank 0 returns
-    the merged result in row order; the other ranks return None."""
+    averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
+    Images are preprocessed on ``device``. Under torchrun each process predicts its block and rank 0 returns the
+    merged result in row order; the other ranks return None."""
     distributed.init_from_env()
     device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     pre, net, state = load_model(model_dir, device)
@@ -64,10 +65,11 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     evals = np.zeros((n, 4), np.float32) if cfg["head"] == "qcqp" else None
     angles = [360.0 * k / tta for k in range(tta)]
     bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main())
+    workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
-    for lo in range(0, len(mine), batch):
-        rows = mine[lo:lo + batch]
-        raw = source.batch(rows).to(device, non_blocking=True)
+    batches = [mine[lo:lo + batch] for lo in range(0, len(mine), batch)]
+    for rows, raw in source.batches(batches, workers=workers, pin_memory=device.type == "cuda"):
+        raw = raw.to(device, non_blocking=True)
         qs, evs = [], []
         for a in angles:
             img = raw if a == 0 else rotate_images(raw, torch.full((len(rows),), a, device=device))

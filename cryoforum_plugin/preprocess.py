@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fourier import fft2c, ifft2c, radius_2d, resize_images, soft_circular_mask
+from .fourier import radius_2d, resize_images, soft_circular_mask
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
@@ -50,7 +50,10 @@ class Preprocess(nn.Module):
         x = (self.crop_and_mask(images) - self.mean) / self.std
         if self.bank.shape[0] == 0:
             return x[:, None]
-        filtered = ifft2c(fft2c(x)[:, None] * self.bank[None]).real
+        # The filters are real and symmetric (H(k) = H(-k)): filtering with the half-plane real FFT and the
+        # uncentred bank equals ifft2c(fft2c(x) * bank).real at a third of the cost.
+        half = torch.fft.ifftshift(self.bank, dim=(-2, -1))[..., : self.box // 2 + 1]
+        filtered = torch.fft.irfft2(torch.fft.rfft2(x)[:, None] * half[None], s=x.shape[-2:])
         return torch.cat([x[:, None], filtered], dim=1)
 
     def fit(self, images: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, distributed, geometry, symmetry
 from .atomic import atomic_path, write_text
-from .dataset import ImageSource, split_rows
+from .dataset import ImageSource, auto_workers, split_rows
 from .errors import CryoforumError
 from .fourier import fft2c, ifft2c
 from .model import OrientationNet
@@ -108,7 +108,7 @@ class Trainer:
     """Trains on a ParticleSet with poses and writes MODEL_DIR (config.json, split.json, best.pt, last.pt, log.csv)."""
 
     def __init__(self, ps: ParticleSet, out_dir, config: TrainConfig, device: torch.device, progress: bool = True,
-                 amp: bool = True, abort_check=None):
+                 amp: bool = True, abort_check=None, workers: int = -1):
         if not ps.has_poses.all():
             r = int(np.argmax(~ps.has_poses))
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
@@ -118,6 +118,7 @@ class Trainer:
         device = distributed.local_device(device)
         self.ps, self.out, self.cfg, self.device = ps, Path(out_dir), config, device
         self.progress, self.abort_check = progress and self.rank == 0, abort_check
+        self.workers = auto_workers(device) if workers < 0 else workers
         self.amp = amp and device.type == "cuda"
         self.out.mkdir(parents=True, exist_ok=True)
         symmetry.canonical_name(config.sym)
@@ -161,8 +162,14 @@ class Trainer:
         """Symmetry-aware geodesic distance (radians) between (..., 4) quaternions."""
         return symmetry.symmetric_geodesic(p, q, self.group)
 
-    def _inputs(self, rows, augment: bool):
-        raw = self.source.batch(rows).to(self.device, non_blocking=True)
+    def _batches(self, rows: np.ndarray, batch: int):
+        """(rows, raw images) for consecutive chunks of ``rows``, read ahead by the loader processes."""
+        chunks = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
+        return self.source.batches(chunks, workers=self.workers, pin_memory=self.device.type == "cuda")
+
+    def _inputs(self, rows, raw: torch.Tensor, augment: bool):
+        """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""
+        raw = raw.to(self.device, non_blocking=True)
         target = self.targets[torch.as_tensor(rows)].to(self.device)
         if augment and self.cfg.augment_psi:
             a = torch.rand(len(rows), generator=self.gen) * 360 - 180
@@ -194,8 +201,8 @@ class Trainer:
         """Per-particle error (radians) of the current network on ``rows`` (no augmentation)."""
         self.net.eval()
         errs, traces = [], []
-        for lo in range(0, len(rows), batch):
-            x, t = self._inputs(rows[lo:lo + batch], augment=False)
+        for chunk, raw in self._batches(rows, batch):
+            x, t = self._inputs(chunk, raw, augment=False)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.net(x)
             errs.append(self.dist(out["quat"].float(), t).cpu().numpy())
@@ -218,11 +225,10 @@ class Trainer:
             bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress)
             losses, errs = [], []
             self.gnorms = []
-            for step, lo in enumerate(range(0, len(perm), cfg.batch)):
-                rows = perm[lo:lo + cfg.batch]
+            for step, (rows, raw) in enumerate(self._batches(perm, cfg.batch)):
                 if len(rows) < 2:
                     continue
-                x, target = self._inputs(rows, augment=True)
+                x, target = self._inputs(rows, raw, augment=True)
                 progress = (self.epoch * self.steps_per_epoch + step) / max(total_steps - 1, 1)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     out = self.net(x)

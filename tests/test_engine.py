@@ -12,7 +12,8 @@ from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.model import OrientationNet, gram_schmidt_6d, matrix_to_quat_torch, qcqp_matrix, qcqp_solve
-from cryoforum_plugin.preprocess import Preprocess, psi_rotation_quats, rotate_images
+from cryoforum_plugin.fourier import fft2c, ifft2c, radius_2d
+from cryoforum_plugin.preprocess import LOWPASS_FRACTIONS, Preprocess, psi_rotation_quats, rotate_images
 from cryoforum_plugin.projection import Projector
 from cryoforum_plugin.simulation import resized_map
 from cryoforum_plugin.training import curriculum, sample_pairs
@@ -53,6 +54,22 @@ def test_network_shapes(head, pool, blur):
     assert out["quat"].shape == (3, 4) and torch.allclose(out["quat"].norm(dim=1), torch.ones(3), atol=1e-5)
     assert ("A" in out) == (head == "qcqp")
     assert pre(torch.randn(2, 48, 48)).shape == (2, 1 + (0 if blur == "none" else 3), 32, 32)
+
+
+def test_lowpass_bank_removes_power_above_each_cutoff():
+    """Each blurred channel keeps the image below its cut-off and nothing above (the raised-cosine edge ends at
+    1.1 × cut-off), and equals the centred full-FFT definition of the filter."""
+    pre = Preprocess(32, "lowpass")
+    x = torch.randn(4, 32, 32)
+    out = pre(x)
+    base = out[:, 0]
+    r = radius_2d(32) / 16  # fraction of Nyquist
+    for c, f in enumerate(LOWPASS_FRACTIONS, start=1):
+        spec = fft2c(out[:, c]).abs()
+        assert spec[:, r > 1.1 * f].max() < 1e-4 * spec.max()
+        inside = r < 0.9 * f
+        assert torch.allclose(spec[:, inside], fft2c(base).abs()[:, inside], rtol=1e-4, atol=1e-3)
+        assert torch.allclose(out[:, c], ifft2c(fft2c(base) * pre.bank[c - 1]).real, atol=1e-5)
 
 
 def test_full_network_size_matches_paper():

@@ -33,7 +33,7 @@ def run(args, abort_check=None):
     ps = read_particles(args.particles, project_dir=args.project_dir)
     ps.validate_images()
     pred = predict(ps, args.model, device=resolve_device(args.device), batch=args.batch, tta=args.tta,
-                   abort_check=abort_check)
+                   abort_check=abort_check, workers=args.workers)
     if pred is None:  # a non-zero rank of a distributed run: rank 0 writes the merged output
         return None, None
     out = with_predictions(ps, pred)

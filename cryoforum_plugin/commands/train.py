@@ -15,7 +15,8 @@ def run(args, abort_check=None) -> dict:
     set_threads(args.threads)
     ps = read_particles(args.particles, project_dir=args.project_dir)
     ps.validate_images()
-    trainer = Trainer(ps, args.out, TrainConfig.from_args(args), resolve_device(args.device), abort_check=abort_check)
+    trainer = Trainer(ps, args.out, TrainConfig.from_args(args), resolve_device(args.device), abort_check=abort_check,
+                      workers=args.workers)
     if args.resume and trainer.resume():
         print(f"resumed from {args.out}/last.pt at epoch {trainer.epoch}")
     summary = trainer.train()
