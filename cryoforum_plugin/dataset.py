@@ -83,7 +83,8 @@ class ImageSource:
             return
         loader = torch.utils.data.DataLoader(
             _RowBatches(self.ps.image_path, self.ps.image_index, batches), batch_size=None, shuffle=False,
-            num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2)
+            num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2,
+            generator=torch.Generator())  # its own seed source: the global RNG (dropout, ...) is left untouched
         for rows, images, error in loader:  # the loader hands numpy rows back as tensors
             if error is not None:
                 raise CryoforumError(error["message"], path=error["path"], row=error["row"], fix=error["fix"])

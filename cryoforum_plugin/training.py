@@ -108,7 +108,7 @@ class Trainer:
     """Trains on a ParticleSet with poses and writes MODEL_DIR (config.json, split.json, best.pt, last.pt, log.csv)."""
 
     def __init__(self, ps: ParticleSet, out_dir, config: TrainConfig, device: torch.device, progress: bool = True,
-                 amp: bool = True, abort_check=None, workers: int = -1):
+                 amp: bool = True, abort_check=None, workers: int = -1, cache_gb: float = 2.0):
         if not ps.has_poses.all():
             r = int(np.argmax(~ps.has_poses))
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
@@ -136,7 +136,7 @@ class Trainer:
         if len(self.split["train"]) < 2 or len(self.split["val"]) < 1:
             raise CryoforumError(f"too few particles ({len(ps)}) for a training and a validation set.", path=ps.path,
                                  fix="use more particles or a smaller --test-fraction / larger --val-fraction.")
-        self.source = ImageSource(ps)
+        self.source = ImageSource(ps, cache_bytes=cache_gb * 1e9)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         sample = self.source.batch(self.split["train"][: min(2000, len(self.split["train"]))])

@@ -1,5 +1,6 @@
 """The engine's building blocks: heads, uncertainty, augmentation conventions, pairs, checkpoints, outputs."""
 
+import csv
 import json
 
 import numpy as np
@@ -180,6 +181,25 @@ def test_resume_after_interruption(tiny_run, tmp_path):
     assert t2.resume() and t2.epoch == 1
     t2.train()
     assert len((tmp_path / "m" / "log.csv").read_text().splitlines()) == 4  # header + 3 epochs
+
+
+def test_streamed_training_with_loader_processes_equals_cached_training(tiny_run, tmp_path):
+    """A set too large for the cache is streamed by loader processes: same batches, same order, same model."""
+    from cryoforum_plugin.particles import read_star
+    from cryoforum_plugin.training import Trainer, TrainConfig
+
+    ps = read_star(tiny_run / "sim" / "particles.star")
+    cfg = TrainConfig(box=32, width=0.125, epochs=2, batch=16, augment_psi=True)
+    logs = {}
+    for name, kwargs in {"cached": {}, "streamed": {"cache_gb": 0, "workers": 2}}.items():
+        t = Trainer(ps, tmp_path / name, cfg, torch.device("cpu"), progress=False, **kwargs)
+        assert (t.source._cache is None) == (name == "streamed")
+        t.train()
+        rows = list(csv.DictReader((tmp_path / name / "log.csv").open()))
+        logs[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    assert len(logs["cached"]) == 2 and logs["cached"] == logs["streamed"]
+    state = {k: torch.load(tmp_path / k / "last.pt", weights_only=False)["model"] for k in logs}
+    assert all(torch.equal(state["cached"][k], state["streamed"][k]) for k in state["cached"])
 
 
 def test_predict_outputs_keep_columns_and_uids(tiny_run):

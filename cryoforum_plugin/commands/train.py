@@ -16,7 +16,7 @@ def run(args, abort_check=None) -> dict:
     ps = read_particles(args.particles, project_dir=args.project_dir)
     ps.validate_images()
     trainer = Trainer(ps, args.out, TrainConfig.from_args(args), resolve_device(args.device), abort_check=abort_check,
-                      workers=args.workers)
+                      workers=args.workers, cache_gb=args.cache_gb)
     if args.resume and trainer.resume():
         print(f"resumed from {args.out}/last.pt at epoch {trainer.epoch}")
     summary = trainer.train()
