@@ -8,8 +8,10 @@ and, in the same process, the pure forward pass on an in-memory batch. Reported:
 - predict/s: particles per second of the prediction loop (reading + preprocessing + network + head);
 - command/s: the whole command, including reading the particle file and writing the output STAR;
 - forward/s: the network alone on a resident tensor (same batch, same process);
-- peak RSS: VmHWM of the measuring process (ru_maxrss is not used: Linux carries the parent's peak into a
-  forked child, which made earlier rows report the simulation's memory).
+- memory: VmHWM of the measuring process for each phase (reading the particle file, the prediction loop, writing
+  the output), the high-water mark being reset between phases; ru_maxrss is not used (Linux carries the parent's
+  peak into a forked child, which made earlier rows report the simulation's memory). The loop's peak is what
+  streaming bounds; the particle table (read and write) grows with N.
 
   python benchmarks/throughput.py --sizes 10000x64,100000x64,10000x128,1000000x32 --width 0.25     # CPU
   python benchmarks/throughput.py --sizes 10000x128,100000x128 --width 1.0 --batch 512            # GPU machine
@@ -28,21 +30,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def peak_rss_gb() -> float:
-    """High-water mark of this process's resident memory (VmHWM), GB."""
+def _status_gb(field: str) -> float:
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024 / 1e9
     return float("nan")
 
 
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def measure(data: str, box: int, width: float, batch: int, workers: int, out: str) -> dict:
-    """Run in a fresh process: the predict command end to end, then the pure forward pass."""
+    """Run in a fresh process: the predict command's steps end to end (peak memory of each phase), then the pure
+    forward pass."""
     import torch
 
-    from cryoforum_plugin import manifest
-    from cryoforum_plugin.commands import predict as predict_cmd
+    from cryoforum_plugin.commands.predict import write_predictions
     from cryoforum_plugin.dataset import auto_workers
+    from cryoforum_plugin.particles import read_particles
+    from cryoforum_plugin.prediction import predict, with_predictions
     from cryoforum_plugin.training import TrainConfig, build
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,13 +61,19 @@ def measure(data: str, box: int, width: float, batch: int, workers: int, out: st
     pre, net = build(cfg)
     torch.save({"config": vars(cfg), "preprocess": pre.state_dict(), "model": net.state_dict(), "epoch": 0,
                 "best": 0.0, "trace_scale": 1.0}, model / "best.pt")
+    base = _status_gb("VmRSS")
     t0 = time.time()
-    args = manifest.namespace("predict", model=str(model), particles=str(Path(data) / "particles.star"),
-                              out=str(Path(out) / f"pred_{Path(data).name}"), format="star", batch=batch,
-                              workers=workers, device=str(device))
-    ps, pred = predict_cmd.run(args)
+    particles = Path(data) / "particles.star"
+    ps = read_particles(particles)
+    ps.validate_images()
+    read_peak, table = _status_gb("VmHWM"), _status_gb("VmRSS")
+    reset_peak()
+    pred = predict(ps, model, device=device, batch=batch, progress=False, workers=workers)
+    loop_peak = _status_gb("VmHWM")
+    reset_peak()
+    write_predictions(with_predictions(ps, pred), Path(out) / f"pred_{Path(data).name}", particles, "star")
     command_s = time.time() - t0
-    rss_predict = peak_rss_gb()
+    write_peak = _status_gb("VmHWM")
     pre, net = pre.to(device).eval(), net.to(device).eval()
     x = torch.randn(batch, pre.channels, box, box, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -74,11 +89,12 @@ def measure(data: str, box: int, width: float, batch: int, workers: int, out: st
             torch.cuda.synchronize()
         forward = n / (time.time() - t0)
     return {"particles": len(ps), "box": box, "width": width, "batch": batch, "device": str(device),
-            "workers": auto_workers(device) if workers < 0 else workers,
-            "threads": torch.get_num_threads(),
+            "workers": auto_workers(device) if workers < 0 else workers, "threads": torch.get_num_threads(),
             "predict_particles_per_s": pred.particles_per_second, "command_particles_per_s": len(ps) / command_s,
             "forward_particles_per_s": forward, "ratio_end_to_end_vs_forward": pred.particles_per_second / forward,
-            "peak_rss_gb_predict": rss_predict,
+            "rss_after_imports_gb": base, "rss_with_particle_table_gb": table,
+            "peak_rss_read_gb": read_peak, "peak_rss_predict_loop_gb": loop_peak, "peak_rss_write_gb": write_peak,
+            "peak_rss_gb": max(read_peak, loop_peak, write_peak),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
 
@@ -103,7 +119,7 @@ def main(argv=None):
     out_json = args.json or args.work / "throughput.json"
     rows = json.loads(out_json.read_text()) if out_json.exists() else []
     print(f"{'particles':>10}{'box':>6}{'workers':>8}{'predict/s':>11}{'command/s':>11}{'forward/s':>11}"
-          f"{'ratio':>7}{'peak RSS GB':>13}  device")
+          f"{'ratio':>7}{'loop GB':>9}{'table GB':>10}{'peak GB':>9}  device")
     for spec in args.sizes.split(","):
         n, box = (int(v) for v in spec.split("x"))
         data = args.work / f"sim_{n}_{box}"
@@ -122,7 +138,8 @@ def main(argv=None):
             rows.append(row)
             print(f"{n:>10}{box:>6}{row['workers']:>8}{row['predict_particles_per_s']:>11.0f}"
                   f"{row['command_particles_per_s']:>11.0f}{row['forward_particles_per_s']:>11.0f}"
-                  f"{row['ratio_end_to_end_vs_forward']:>7.2f}{row['peak_rss_gb_predict']:>13.2f}  {row['device']}",
+                  f"{row['ratio_end_to_end_vs_forward']:>7.2f}{row['peak_rss_predict_loop_gb']:>9.2f}"
+                  f"{row['rss_with_particle_table_gb']:>10.2f}{row['peak_rss_gb']:>9.2f}  {row['device']}",
                   flush=True)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(rows, indent=1))
