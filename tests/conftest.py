@@ -17,7 +17,7 @@ from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.simulation import resized_map
 from cryoforum_plugin.images import write_mrc
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"  # real third-party files (tests/data/README.md)
 RELION_BINARIES = ("relion_project", "relion_reconstruct", "relion_pipeliner", "relion_refine")
 
 

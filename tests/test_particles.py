@@ -14,7 +14,7 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.images import StackReader
 from cryoforum_plugin.particles import read_cs, read_star, write_cs, write_star
 
-from conftest import SHARED
+from conftest import DATA
 
 
 def test_reads_relion_written_star_and_images(relion_set):
@@ -171,9 +171,9 @@ def test_index_past_end_of_stack(tmp_path):
 
 def test_star_without_image_names(tmp_path):
     with pytest.raises(CryoforumError, match="rlnImageName"):
-        read_star(SHARED / "data" / "star" / "postprocess.star")
+        read_star(DATA / "postprocess.star")
     with pytest.raises(CryoforumError, match="rlnImageName"):
-        read_star(SHARED / "data" / "star" / "relion_tutorial" / "run_it025_optimiser_3D.star")
+        read_star(DATA / "run_it025_optimiser_3D.star")
 
 
 def test_nan_pose_and_mixed_boxes(tmp_path):
@@ -190,7 +190,7 @@ def test_nan_pose_and_mixed_boxes(tmp_path):
 def test_cs_without_blob_fields_real_schema():
     """cryoSPARC's own alignment output has no blob slot: a clear error, not a KeyError."""
     with pytest.raises(CryoforumError, match="blob/path.*no particle images") as e:
-        read_cs(SHARED / "data" / "cs" / "schema_0rows.cs")
+        read_cs(DATA / "schema_0rows.cs")
     assert "Fix:" in str(e.value)
 
 
