@@ -7,6 +7,7 @@ from the shared maps, splits them 50/17/33, trains each ablation row and prints 
   python benchmarks/accuracy.py --scale cpu --map asym --rows default,quat,6d,single   # cpu scale
   python benchmarks/accuracy.py --scale paper --map asym                               # GPU machine
   python benchmarks/accuracy.py --scale cpu --snr-sweep                                # Supplementary Table 2
+  python benchmarks/accuracy.py --scale cpu --rows default,quat --seeds 1,2,42            # seed-to-seed spread
 
 Scales: cpu = 64 px box, width 0.25, 2 CPU threads, the epochs given (stated in the output);
 paper = 128 px, full network (width 1), 50 epochs, batch 256.
@@ -83,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--snr-sweep", action="store_true", help="rows = default at SNR clean, 1.0, 0.4, 0.1")
     ap.add_argument("--orientations", choices=["grid", "random"], default="grid")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seeds", default="42", help="comma-separated training seeds (split, initialisation, pairs); "
+                    "each row runs once per seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--json", type=Path, default=None)
@@ -100,15 +103,24 @@ def main(argv=None):
     out_json = args.json or args.work / f"accuracy_{args.scale}_{args.map}{'_snr' if args.snr_sweep else ''}.json"
     print(f"scale {args.scale}: {scale}; map {args.map} ({sym}); {args.n} particles, split 50/17/33; device {device}")
     print(f"{'row':<22}{'train':>9}{'val':>9}{'test':>9}  (median error, rad)   test deg   train s")
+    seeds = [int(v) for v in args.seeds.split(",")]
     for name, overrides, snr in jobs:
         data = make_set(args.work, args.map, args.n, scale["box"], snr, args.orientations, seed=11)
-        row = run_row(data, args.work / "models" / f"{args.scale}_{args.map}_{name}", sym, overrides, scale, device)
-        row["snr"] = snr
-        results["rows"][name] = row
-        print(f"{name:<22}{row['train_median_rad']:>9.4f}{row['val_median_rad']:>9.4f}{row['test_median_rad']:>9.4f}"
-              f"{row['test_median_deg']:>28.2f}{row['train_seconds']:>10.0f}", flush=True)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=2))
+        for seed in seeds:
+            key = name if seed == 42 else f"{name}@seed{seed}"  # seed 42 (the default) keeps earlier names
+            row = run_row(data, args.work / "models" / f"{args.scale}_{args.map}_{key.replace('@', '_')}", sym,
+                          {**overrides, "seed": seed}, scale, device)
+            row["snr"], row["seed"] = snr, seed
+            results["rows"][key] = row
+            print(f"{key:<22}{row['train_median_rad']:>9.4f}{row['val_median_rad']:>9.4f}"
+                  f"{row['test_median_rad']:>9.4f}{row['test_median_deg']:>28.2f}{row['train_seconds']:>10.0f}",
+                  flush=True)
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(results, indent=2))
+        if len(seeds) > 1:
+            test = [results["rows"][name if s == 42 else f"{name}@seed{s}"]["test_median_rad"] for s in seeds]
+            print(f"{name + ' (seeds)':<22}test median over seeds {np.median(test):.4f} rad, range "
+                  f"{min(test):.4f}-{max(test):.4f}", flush=True)
     return results
 
 

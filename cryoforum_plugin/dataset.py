@@ -54,7 +54,7 @@ class ImageSource:
     """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``.
 
     Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch);
-    larger ones are streamed from the memory-mapped stacks on every read.
+    larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network).
     """
 
     def __init__(self, ps: ParticleSet, cache_bytes: float = 2e9, max_open: int = 64):
