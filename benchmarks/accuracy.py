@@ -41,6 +41,7 @@ ROWS = {  # the paper's ablation rows: one change from the default each
     "max_pool": {"pooling": "max"}, "maxavg_pool": {"pooling": "maxavg"},
     "symmetric_A": {"qcqp_param": "symmetric"}, "augment": {"augment_psi": True},
     "augment_symmetric_A": {"augment_psi": True, "qcqp_param": "symmetric"},
+    "no_l2": {"l2": 0.0}, "quat_no_l2": {"head": "quat", "l2": 0.0},
 }
 SCALES = {"cpu": dict(box=64, width=0.25, epochs=30, batch=64, lr=3e-3),
           "paper": dict(box=128, width=1.0, epochs=50, batch=256, lr=1e-3)}
