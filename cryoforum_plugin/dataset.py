@@ -72,10 +72,12 @@ class ImageSource:
             return self._cache[torch.as_tensor(rows)]
         return torch.from_numpy(self.reader.read(self.ps.image_path[rows], self.ps.image_index[rows]))
 
-    def batches(self, batches: Sequence[np.ndarray], workers: int = 0,
+    def batches(self, rows: np.ndarray, batch: int, workers: int = 0,
                 pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield (rows, (B, N, N) images) for each array of rows in ``batches``, in order. With ``workers`` > 0 and
-        a streamed set, that many processes read ahead (2 batches each); ``pin_memory`` for fast copies to a GPU."""
+        """Yield (rows, (B, N, N) images) for consecutive chunks of ``batch`` of ``rows``, in order. With
+        ``workers`` > 0 and a streamed set, that many processes read ahead (2 batches each); ``pin_memory`` for
+        fast copies to a GPU."""
+        batches = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
         if self._cache is not None or workers <= 0 or len(batches) <= 1:
             for rows in batches:
                 images = self.batch(rows)

@@ -67,8 +67,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main())
     workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
-    batches = [mine[lo:lo + batch] for lo in range(0, len(mine), batch)]
-    for rows, raw in source.batches(batches, workers=workers, pin_memory=device.type == "cuda"):
+    for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
         raw = raw.to(device, non_blocking=True)
         qs, evs = [], []
         for a in angles:

@@ -164,8 +164,7 @@ class Trainer:
 
     def _batches(self, rows: np.ndarray, batch: int):
         """(rows, raw images) for consecutive chunks of ``rows``, read ahead by the loader processes."""
-        chunks = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
-        return self.source.batches(chunks, workers=self.workers, pin_memory=self.device.type == "cuda")
+        return self.source.batches(rows, batch, workers=self.workers, pin_memory=self.device.type == "cuda")
 
     def _inputs(self, rows, raw: torch.Tensor, augment: bool):
         """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""

@@ -68,8 +68,8 @@ def test_loader_processes_give_the_main_process_batches(relion_set):
     source = ImageSource(ps, cache_bytes=0)  # streamed, as a set larger than the cache would be
     order = np.random.default_rng(1).permutation(len(ps))
     batches = [order[lo:lo + 37] for lo in range(0, len(ps), 37)]
-    inline = list(source.batches(batches, workers=0))
-    ahead = list(source.batches(batches, workers=2))
+    inline = list(source.batches(order, 37, workers=0))
+    ahead = list(source.batches(order, 37, workers=2))
     assert len(inline) == len(ahead) == len(batches)
     for (rows0, img0), (rows2, img2), rows in zip(inline, ahead, batches):
         assert np.array_equal(rows0, rows) and np.array_equal(rows2, rows) and isinstance(rows2, np.ndarray)
@@ -83,6 +83,6 @@ def test_loader_process_error_is_one_line(relion_set, tmp_path):
     ps.image_index[5] = 10_000  # past the end of the 400-image stack
     source = ImageSource(ps, cache_bytes=0)
     with pytest.raises(CryoforumError) as err:
-        list(source.batches([np.arange(0, 4), np.arange(4, 8)], workers=2))
+        list(source.batches(np.arange(8), 4, workers=2))
     text = str(err.value)
     assert "past the end" in text and "parts_ctf.mrcs" in text and "Traceback" not in text and "\n" not in text
