@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin.evaluation import errors  # noqa: E402
+from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
 from cryoforum_plugin.particles import read_star  # noqa: E402
 from cryoforum_plugin.prediction import predict  # noqa: E402
 from cryoforum_plugin.simulation import simulate  # noqa: E402
@@ -36,8 +36,8 @@ from cryoforum_plugin.training import Trainer, TrainConfig  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "maps"
 MAPS = {"asym": (SHARED / "5j0n_asym.mrc", "C1"), "betagal": (SHARED / "betagal_D2_100px_3.54A.mrc", "D2")}
 ROWS = {  # the paper's ablation rows: one change from the default each
-    "default": {}, "quat": {"head": "quat"}, "6d": {"head": "6d"}, "single": {"training": "single"},
-    "siamese_noreg": {"training": "siamese_noreg"}, "no_blur": {"blur": "none"}, "gaussian": {"blur": "gaussian"},
+    "default": {}, "quat": {"head": "quat"}, "6d": {"head": "6d"}, "single": {"loss": "single"},
+    "siamese_noreg": {"loss": "siamese_noreg"}, "no_blur": {"blur": "none"}, "gaussian": {"blur": "gaussian"},
     "max_pool": {"pooling": "max"}, "maxavg_pool": {"pooling": "maxavg"},
     "symmetric_A": {"qcqp_param": "symmetric"}, "augment": {"augment_psi": True},
     "augment_symmetric_A": {"augment_psi": True, "qcqp_param": "symmetric"},
@@ -65,7 +65,7 @@ def run_row(data: Path, model_dir: Path, sym: str, overrides: dict, scale: dict,
     train_s = time.time() - t0
     pred = predict(ps, model_dir, device=device, progress=False)
     truth = read_star(data / "truth.star")
-    err = errors(pred.quat, truth.quat, sym)
+    err = geodesic_errors(pred.quat, truth.quat, sym)
     row = {"train_seconds": round(train_s, 1), "predict_particles_per_s": round(pred.particles_per_second, 1),
            "config": {k: v for k, v in vars(cfg).items()}}
     for part, rows in trainer.split.items():

@@ -48,19 +48,18 @@ def measure(data: str, box: int, width: float, batch: int, workers: int, out: st
     forward pass."""
     import torch
 
-    from cryoforum_plugin.commands.predict import write_predictions
-    from cryoforum_plugin.dataset import auto_workers
+    from cryoforum_plugin.jobs import write_predictions
+    from cryoforum_plugin.image_source import auto_workers
     from cryoforum_plugin.particles import read_particles
     from cryoforum_plugin.prediction import predict, with_predictions
-    from cryoforum_plugin.training import TrainConfig, build
+    from cryoforum_plugin.model_dir import ModelDir
+    from cryoforum_plugin.train_config import TrainConfig, build
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Path(out) / f"model_b{box}_w{width}"
-    model.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(box=box, width=width)
+    ModelDir(model).write_untrained(cfg)
     pre, net = build(cfg)
-    torch.save({"config": vars(cfg), "preprocess": pre.state_dict(), "model": net.state_dict(), "epoch": 0,
-                "best": 0.0, "trace_scale": 1.0}, model / "best.pt")
     base = _status_gb("VmRSS")
     t0 = time.time()
     particles = Path(data) / "particles.star"

@@ -3,55 +3,63 @@ something (Spearman, risk-coverage, AUROC, junk detection)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from scipy import stats
 
 from .errors import CryoforumError
-from .particles import ParticleSet
-from .uncertainty import FOM_COLUMN, STAR_COLUMNS
+from .particles import JUNK_COLUMN, REFINE_CS, REFINE_STAR, UNCERTAINTY_STAR, ParticleSet
 
-JUNK_COLUMN = "rlnCryoforumJunk"
+__all__ = ["JUNK_COLUMN", "read_uncertainty", "uncertainty_score", "keep_by_quantile", "calibrate_threshold",
+           "spearman", "risk_coverage", "auroc"]
 
 
 def read_uncertainty(ps: ParticleSet, sidecar=None) -> dict[str, np.ndarray]:
-    """{'max', 'trace', 'fom'} per particle: STAR columns, or the uid-keyed sidecar of a .cs prediction
-    (``<stem>_uncertainty.cs`` beside it unless ``sidecar`` is given)."""
-    table = ps.source.get("particles")
-    if table is not None and STAR_COLUMNS["trace"] in table:
-        out = {k: table[c].to_numpy(dtype=np.float64) for k, c in STAR_COLUMNS.items()}
-        out["fom"] = table[FOM_COLUMN].to_numpy(dtype=np.float64) if FOM_COLUMN in table else np.zeros(len(ps))
-        return out
-    if ps.source.get("format") == "cs":
-        from cryosparc.dataset import Dataset
+    """{'max', 'trace', 'fom'} per particle from the set's typed fields (``fom`` zeros where the set has none).
 
-        path = Path(sidecar) if sidecar else Path(ps.path).with_name(Path(ps.path).stem + "_uncertainty.cs")
-        if not path.exists():
-            raise CryoforumError("no uncertainty sidecar for this .cs prediction.", path=path,
-                                 fix="pass the predicted_uncertainty.cs written by `cryoforum predict` (--uncertainty).")
-        side = Dataset.load(str(path))
-        lookup = {int(u): i for i, u in enumerate(side["uid"])}
-        idx = np.array([lookup.get(int(u), -1) for u in ps.uid])
-        if (idx < 0).any():
-            r = int(np.argmax(idx < 0))
-            raise CryoforumError(f"particle uid {int(ps.uid[r])} is not in the uncertainty sidecar.", path=path,
-                                 row=r, fix="use the sidecar written together with this prediction.")
-        return {"max": np.asarray(side["cryoforum/max_dispersion"], np.float64)[idx],
-                "trace": np.asarray(side["cryoforum/trace_dispersion"], np.float64)[idx],
-                "fom": np.asarray(side["cryoforum/fom"], np.float64)[idx]}
-    raise CryoforumError(f"no uncertainty columns ({STAR_COLUMNS['trace']}).", path=ps.path,
-                         fix="filter the output of `cryoforum predict` (predicted.star / predicted.cs).")
+    For a .cs prediction the uid-keyed sidecar is loaded into those fields (cs_io) when ``sidecar`` is given, or
+    when the .cs itself carries no uncertainty (``<stem>_uncertainty.cs`` beside it)."""
+    if ps.file_format == "cs" and (sidecar is not None or ps.uncertainty is None):
+        from .cs_io import attach_uncertainty_sidecar
+
+        attach_uncertainty_sidecar(ps, sidecar)
+    if ps.uncertainty is None:
+        raise CryoforumError(f"no uncertainty columns ({UNCERTAINTY_STAR['trace']}).", path=ps.path,
+                             fix="filter the output of `cryoforum predict` (predicted.star / predicted.cs).")
+    fom = ps.fom if ps.fom is not None else np.zeros(len(ps))
+    out = {"max": ps.uncertainty["max"], "trace": ps.uncertainty["trace"], "fom": fom}
+    refined = refine_confidence(ps)
+    if refined is not None:
+        out["refine"] = refined
+    return out
+
+
+def refine_confidence(ps: ParticleSet) -> np.ndarray | None:
+    """(N,) the refinement's per-particle confidence in [0, 1] (refinement.py), None for unrefined sets."""
+    for name in (REFINE_STAR["confidence"], REFINE_CS["confidence"]):
+        values = ps.column(name)
+        if values is not None:
+            return np.asarray(values, dtype=np.float64)
+    return None
 
 
 def uncertainty_score(unc: dict, statistic: str) -> np.ndarray:
     """Higher = more uncertain. 'trace' / 'max': the dispersion itself (<= 0, near 0 uncertain); 'both': the mean
-    of the two percentile ranks."""
+    of the two percentile ranks; 'refine': 1 - the refinement's confidence; 'refine_trace': the mean of the
+    percentile ranks of 'refine' and 'trace'."""
     if statistic in ("trace", "max"):
         return unc[statistic]
     if statistic == "both":
         return (stats.rankdata(unc["trace"]) + stats.rankdata(unc["max"])) / (2 * len(unc["trace"]))
-    raise CryoforumError(f"unknown statistic '{statistic}'.", fix="use trace, max or both.")
+    if statistic in ("refine", "refine_trace"):
+        if "refine" not in unc:
+            raise CryoforumError(f"--statistic {statistic} needs the refinement's confidence "
+                                 f"({REFINE_STAR['confidence']}).",
+                                 fix="filter the output of `cryoforum refine`, or use --statistic trace.")
+        score = 1.0 - unc["refine"]
+        if statistic == "refine":
+            return score
+        return (stats.rankdata(score) + stats.rankdata(unc["trace"])) / (2 * len(score))
+    raise CryoforumError(f"unknown statistic '{statistic}'.", fix="use trace, max, both, refine or refine_trace.")
 
 
 def keep_by_quantile(score: np.ndarray, drop: float) -> np.ndarray:

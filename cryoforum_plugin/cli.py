@@ -13,7 +13,7 @@ import sys
 from . import __version__, manifest
 from .errors import CryoforumError
 
-COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "evaluate", "filter",
+COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "refine", "evaluate", "filter",
             "report", "demo", "cryosparc"]
 
 

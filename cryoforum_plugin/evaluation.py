@@ -24,7 +24,7 @@ def match_rows(pred: ParticleSet, truth: ParticleSet) -> tuple[np.ndarray, np.nd
                          path=truth.path, fix="pass the truth file of the same particle set.")
 
 
-def errors(pred_quat, true_quat, sym: str = "C1") -> np.ndarray:
+def geodesic_errors(pred_quat, true_quat, sym: str = "C1") -> np.ndarray:
     """(N,) symmetry-aware geodesic errors in radians."""
     return symmetry.symmetric_geodesic(np.asarray(pred_quat), np.asarray(true_quat), symmetry.group_quats(sym))
 

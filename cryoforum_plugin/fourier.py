@@ -112,3 +112,10 @@ def soft_circular_mask(n: int, inner: float, outer: float, device=None) -> torch
     r = radius_2d(n, device) / (n / 2)
     t = ((r - inner) / max(outer - inner, 1e-6)).clamp(0, 1)
     return 0.5 * (1 + torch.cos(np.pi * t))
+
+
+def shift_phase(shifts_px: torch.Tensor, box: int, sign: float = 1.0) -> torch.Tensor:
+    """(B, box, box) phase ramps exp(sign·2πi k·o/box) for origins (B, 2) (x, y) in pixels."""
+    ky, kx = grid_2d(box, shifts_px.device)
+    arg = (kx * shifts_px[:, 0, None, None] + ky * shifts_px[:, 1, None, None]) * (2 * np.pi / box)
+    return torch.polar(torch.ones_like(arg), sign * arg)

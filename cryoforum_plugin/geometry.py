@@ -132,3 +132,9 @@ def viewing_direction(q) -> np.ndarray:
 def random_quats(n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` rotations uniform over SO(3) (normalised 4-D Gaussians), (n, 4)."""
     return normalize(rng.standard_normal((n, 4)))
+
+
+def psi_rotation_quats(angles_deg) -> np.ndarray:
+    """(B,) angles -> (B, 4) quaternions r with q(psi + a) = r ⊗ q(psi), i.e. r = rotation about z by -a."""
+    half = -np.deg2rad(np.asarray(angles_deg, dtype=np.float64)) / 2
+    return np.stack([np.cos(half), np.zeros_like(half), np.zeros_like(half), np.sin(half)], -1)

@@ -86,9 +86,33 @@ def _typed(p: dict):
     return convert
 
 
+PIPELINE_JOBS = ("train", "predict", "refine", "filter")
+"""Engine jobs whose options a train-predict job (``pipeline: true`` in plugin.yaml) accepts."""
+PIPELINE_IO = {"particles", "out", "model", "predicted", "format", "project_dir", "uncertainty", "resume",
+               "reference", "half_maps"}
+"""Their file arguments, which the front end sets itself."""
+
+
+def pipeline_params(exclude=()) -> list[dict]:
+    """The option declarations of the train, predict and filter jobs (first declaration of each name wins),
+    without their file arguments and without the names in ``exclude``."""
+    out, seen = [], set(exclude) | PIPELINE_IO
+    for name in PIPELINE_JOBS:
+        for p in params(name):
+            if p.get("positional") or p["name"] in seen:
+                continue
+            seen.add(p["name"])
+            out.append(dict(p, required=False))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, job_name: str) -> None:
-    """Declare every parameter of ``job_name`` on an argparse parser (names: --snake-case)."""
-    add_arguments_from(parser, params(job_name))
+    """Declare every parameter of ``job_name`` on an argparse parser (names: --snake-case); a job with
+    ``pipeline: true`` also gets every engine option (``pipeline_params``)."""
+    own = params(job_name)
+    add_arguments_from(parser, own)
+    if job(job_name).get("pipeline"):
+        add_arguments_from(parser, pipeline_params(exclude={p["name"] for p in own}))
 
 
 def add_arguments_from(parser: argparse.ArgumentParser, declarations: list[dict]) -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from . import distributed, geometry, symmetry
-from .dataset import ImageSource, auto_workers
-from .particles import PRIOR_ANGLE_COLUMNS, ParticleSet
-from .preprocess import psi_rotation_quats, rotate_images
-from .progress import Progress
-from .training import load_model
-from .uncertainty import FOM_COLUMN, STAR_COLUMNS, dispersions, figure_of_merit
+from .image_source import ImageSource, auto_workers
+from .model_dir import ModelDir
+from .particles import ParticleSet
+from .preprocess import rotate_images
+from .progress import Events, Progress
+from .uncertainty import dispersions, figure_of_merit, trace_scale
 
 
 @dataclasses.dataclass
@@ -47,14 +47,15 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
 
 @torch.no_grad()
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
-            abort_check=None, workers: int = -1) -> Prediction:
+            events: Events | None = None, workers: int = -1) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
     Images are preprocessed on ``device``. Under torchrun each process predicts its block and rank 0 returns the
     merged result in row order; the other ranks return None."""
     distributed.init_from_env()
     device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
-    pre, net, state = load_model(model_dir, device)
+    model = ModelDir(model_dir)
+    pre, net, state = model.load(device)
     cfg = state["config"]
     group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
     amp = device.type == "cuda"
@@ -64,7 +65,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     quat = np.zeros((n, 4), np.float32)
     evals = np.zeros((n, 4), np.float32) if cfg["head"] == "qcqp" else None
     angles = [360.0 * k / tta for k in range(tta)]
-    bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main())
+    bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main(), events=events)
     workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
     for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
@@ -76,7 +77,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
                 out = net(pre(img))
             q = out["quat"].float()
             if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
-                r = torch.as_tensor(psi_rotation_quats([a]), dtype=torch.float32, device=device)
+                r = torch.as_tensor(geometry.psi_rotation_quats([a]), dtype=torch.float32, device=device)
                 q = geometry.quat_mul(geometry.quat_conj(r), q)
             qs.append(q)
             if "evals" in out:
@@ -85,9 +86,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         quat[rows] = q.cpu().numpy()
         if evals is not None:
             evals[rows] = torch.stack(evs).mean(0).cpu().numpy()
-        bar.update(len(rows))
-        if abort_check is not None:
-            abort_check()
+        bar.update(len(rows))  # polls the events for an abort
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -101,34 +100,15 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         disp = dispersions(evals)
     else:  # heads without a Bingham: no uncertainty; zeros keep the columns well-defined
         disp = {"max": np.zeros(n), "trace": np.zeros(n)}
-    scale = float(state.get("trace_scale") or np.median(-disp["trace"]) or 1.0)
+    scale = model.trace_scale(state) or (trace_scale(evals) if evals is not None else 1.0)
     return Prediction(geometry.normalize(quat.astype(np.float64)), evals, disp,
                       figure_of_merit(disp["trace"], scale), seconds)
 
 
 def with_predictions(ps: ParticleSet, pred: Prediction) -> ParticleSet:
-    """A copy of ``ps`` whose poses are the predicted ones; the previous angles (if any) are kept as
-    rlnCryoforumPriorAngleRot/Tilt/Psi; uncertainty columns and rlnParticleFigureOfMerit added."""
-    extra = dict(ps.extra)
-    if ps.has_poses.any():
-        prior = np.full((len(ps), 3), np.nan)
-        prior[ps.has_poses] = geometry.quat_to_relion_euler(ps.quat[ps.has_poses])
-        for i, column in enumerate(PRIOR_ANGLE_COLUMNS):
-            extra[column] = prior[:, i]
-    extra[STAR_COLUMNS["max"]] = pred.dispersion["max"]
-    extra[STAR_COLUMNS["trace"]] = pred.dispersion["trace"]
-    extra[FOM_COLUMN] = pred.fom
-    return dataclasses.replace(ps, quat=pred.quat.copy(), extra=extra)
-
-
-def uncertainty_dataset(ps: ParticleSet):
-    """The cryoSPARC sidecar: a Dataset keyed by uid with cryoforum/{max_dispersion, trace_dispersion, fom}."""
-    from cryosparc.dataset import Dataset
-
-    ds = Dataset.allocate(len(ps), [("cryoforum/max_dispersion", "f4"), ("cryoforum/trace_dispersion", "f4"),
-                                    ("cryoforum/fom", "f4")])
-    ds["uid"] = ps.uid
-    ds["cryoforum/max_dispersion"] = ps.extra[STAR_COLUMNS["max"]]
-    ds["cryoforum/trace_dispersion"] = ps.extra[STAR_COLUMNS["trace"]]
-    ds["cryoforum/fom"] = ps.extra[FOM_COLUMN]
-    return ds
+    """A copy of ``ps`` whose poses are the predicted ones; the previous poses (if any) become ``prior_quat``
+    (written as rlnCryoforumPriorAngleRot/Tilt/Psi), with the uncertainty and figure of merit set."""
+    prior = ps.quat.copy() if ps.has_poses.any() else ps.prior_quat
+    return dataclasses.replace(ps, quat=pred.quat.copy(), prior_quat=prior,
+                               uncertainty={"max": pred.dispersion["max"], "trace": pred.dispersion["trace"]},
+                               fom=pred.fom)

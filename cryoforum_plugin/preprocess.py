@@ -3,6 +3,10 @@
 (B, N, N) raw particle images -> Fourier crop to the training box -> soft circular mask (0.85 -> 0.99 of the
 half-box, the paper's window) -> standardisation with statistics measured on the training set -> blurring
 layer: the image plus a bank of low-pass (default) or Gaussian filtered copies as channels: (B, C, box, box).
+With ``phase_flip`` a last channel holds the phase-flipped image (``phase_flipped``: the raw image with its
+Fourier components multiplied by the sign of its CTF), cropped, masked and standardised like the image; the caller
+computes it on the raw grid (before any in-plane rotation, which it then applies to both) and passes it as
+``flipped``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fourier import radius_2d, resize_images, soft_circular_mask
+from . import geometry
+from .ctf import ctf_2d
+from .fourier import fft2c, ifft2c, radius_2d, resize_images, shift_phase, soft_circular_mask
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
@@ -20,11 +26,12 @@ GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
 class Preprocess(nn.Module):
     """Raw (B, N, N) images -> network input (B, C, box, box). ``blur``: 'lowpass' | 'gaussian' | 'none'."""
 
-    def __init__(self, box: int = 128, blur: str = "lowpass", mean: float = 0.0, std: float = 1.0):
+    def __init__(self, box: int = 128, blur: str = "lowpass", mean: float = 0.0, std: float = 1.0,
+                 phase_flip: bool = False):
         super().__init__()
         if blur not in ("lowpass", "gaussian", "none"):
             raise ValueError(f"unknown blurring layer '{blur}'")
-        self.box, self.blur = box, blur
+        self.box, self.blur, self.phase_flip = box, blur, bool(phase_flip)
         self.register_buffer("mask", soft_circular_mask(box, 0.85, 0.99))
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
@@ -40,27 +47,42 @@ class Preprocess(nn.Module):
 
     @property
     def channels(self) -> int:
-        return 1 + self.bank.shape[0]
+        return 1 + self.bank.shape[0] + int(self.phase_flip)
 
     def crop_and_mask(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, N) -> (B, box, box): Fourier crop (or pad) and soft circular mask, before standardisation."""
         return resize_images(images.float(), self.box) * self.mask
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
+        """``flipped``: (B, N, N) ``phase_flipped`` images, required when the module was built with phase_flip."""
         x = (self.crop_and_mask(images) - self.mean) / self.std
-        if self.bank.shape[0] == 0:
-            return x[:, None]
-        # The filters are real and symmetric (H(k) = H(-k)): filtering with the half-plane real FFT and the
-        # uncentred bank equals ifft2c(fft2c(x) * bank).real at a third of the cost.
-        half = torch.fft.ifftshift(self.bank, dim=(-2, -1))[..., : self.box // 2 + 1]
-        filtered = torch.fft.irfft2(torch.fft.rfft2(x)[:, None] * half[None], s=x.shape[-2:])
-        return torch.cat([x[:, None], filtered], dim=1)
+        channels = [x[:, None]]
+        if self.bank.shape[0]:
+            # The filters are real and symmetric (H(k) = H(-k)): filtering with the half-plane real FFT and the
+            # uncentred bank equals ifft2c(fft2c(x) * bank).real at a third of the cost.
+            half = torch.fft.ifftshift(self.bank, dim=(-2, -1))[..., : self.box // 2 + 1]
+            channels.append(torch.fft.irfft2(torch.fft.rfft2(x)[:, None] * half[None], s=x.shape[-2:]))
+        if self.phase_flip:
+            if flipped is None:
+                raise ValueError("this model takes a phase-flipped channel: pass flipped=phase_flipped(...)")
+            channels.append(((self.crop_and_mask(flipped) - self.mean) / self.std)[:, None])
+        return channels[0] if len(channels) == 1 else torch.cat(channels, dim=1)
 
     def fit(self, images: torch.Tensor) -> None:
         """Set the standardisation statistics from a sample of raw training images (B, N, N)."""
         x = self.crop_and_mask(images)
         self.mean.fill_(float(x.mean()))
         self.std.fill_(float(x.std().clamp_min(1e-8)))
+
+
+def phase_flipped(raw: torch.Tensor, ctf: dict, rows, pixel_size) -> torch.Tensor:
+    """(B, N, N) raw images -> the same images with every Fourier component multiplied by the sign of the image's
+    CTF (``ctf``: a CTF dict as ParticleSet.ctf, ``rows`` into it, ``pixel_size`` Å of the raw grid, scalar or
+    (B,)). Without a CTF (``ctf`` None) the images are returned unchanged."""
+    if ctf is None:
+        return raw
+    sign = torch.sign(ctf_2d(ctf, rows, raw.shape[-1], pixel_size, raw.device))
+    return ifft2c(fft2c(raw.float()) * sign).real
 
 
 def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -75,7 +97,26 @@ def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tenso
                                            align_corners=False)[:, 0]
 
 
-def psi_rotation_quats(angles_deg) -> np.ndarray:
-    """(B,) angles -> (B, 4) quaternions r with q(psi + a) = r ⊗ q(psi), i.e. r = rotation about z by -a."""
-    half = -np.deg2rad(np.asarray(angles_deg, dtype=np.float64)) / 2
-    return np.stack([np.cos(half), np.zeros_like(half), np.zeros_like(half), np.sin(half)], -1)
+def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: bool = False,
+            shift_px: float = 0.0, also: torch.Tensor | None = None):
+    """Exact training augmentations of raw (B, N, N) images with their (B, 4) target quaternions: a random
+    in-plane rotation with the matching change of psi (``psi``), and random re-centring by up to ``shift_px``
+    pixels (the pose is unchanged). Random numbers come from ``gen`` (CPU) so training stays deterministic.
+    ``also``: (B, N, N) images that get the same transforms (the phase-flipped copies); then returns
+    (raw, target, also)."""
+    b, device = raw.shape[0], raw.device
+    if psi:
+        a = torch.rand(b, generator=gen) * 360 - 180
+        raw = rotate_images(raw, a.to(device))
+        if also is not None:
+            also = rotate_images(also, a.to(device))
+        r = torch.as_tensor(geometry.psi_rotation_quats(a.numpy()), dtype=torch.float32, device=device)
+        target = geometry.quat_mul(r, target)
+    if shift_px > 0:
+        s = (torch.rand(b, 2, generator=gen) * 2 - 1) * shift_px
+        ramp = shift_phase(s.to(device), raw.shape[-1])
+        raw = ifft2c(fft2c(raw) * ramp).real
+        if also is not None:
+            also = ifft2c(fft2c(also) * ramp).real
+    return (raw, target) if also is None else (raw, target, also)
+

@@ -13,18 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .fourier import as_tensor, fft2c, fft3c, freq_1d, grid_2d, ifft2c, ifft3c, pad_real, radius_3d
+from .fourier import as_tensor, fft2c, fft3c, freq_1d, grid_2d, ifft2c, ifft3c, pad_real, radius_3d, shift_phase
 
 
 def _matrices(quats, device) -> torch.Tensor:
     return as_tensor(geometry.quat_to_matrix(np.asarray(quats, dtype=np.float64)), device)
 
-
-def shift_phase(shifts_px: torch.Tensor, box: int, sign: float = 1.0) -> torch.Tensor:
-    """(B, box, box) phase ramps exp(sign·2πi k·o/box) for origins (B, 2) (x, y) in pixels."""
-    ky, kx = grid_2d(box, shifts_px.device)
-    arg = (kx * shifts_px[:, 0, None, None] + ky * shifts_px[:, 1, None, None]) * (2 * np.pi / box)
-    return torch.polar(torch.ones_like(arg), sign * arg)
 
 
 def _gridding(n_pad: int, box: int, device, dims: int) -> torch.Tensor:

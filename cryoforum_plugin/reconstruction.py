@@ -7,6 +7,7 @@ import torch
 
 from . import symmetry
 from .ctf import ctf_2d
+from .devices import resolve_device
 from .errors import CryoforumError
 from .images import StackReader
 from .particles import ParticleSet
@@ -14,13 +15,9 @@ from .progress import Progress
 from .projection import Backprojector
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = False, batch: int = 256,
-                device=None, regularization: float = 1e-3, progress: bool = True):
+                device=None, regularization: float = 1e-3, progress: bool = True,
+                events=None):
     """Reconstruct (D, D, D) map(s) from ``ps``. Returns ``{'full': map}`` plus ``'half1'``/``'half2'`` with
     ``halves`` (split by ``ps.half_set``; particles without a half-set are split by parity).
     ``weights``: optional (N,) per-particle weights (0 drops a particle)."""
@@ -28,7 +25,7 @@ def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = F
         r = int(np.argmax(~ps.has_poses))
         raise CryoforumError("a particle has no pose; reconstruction needs poses for all.", path=ps.path, row=r,
                              fix="predict poses first (cryoforum predict) or select the particles with poses.")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     box = int(ps.box[0])
     apix = float(ps.pixel_size[0])
     group = symmetry.group_quats(sym) if symmetry.order(sym) > 1 else None
@@ -37,7 +34,7 @@ def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = F
     unassigned = half <= 0
     half[unassigned] = np.arange(len(ps))[unassigned] % 2 + 1
     accumulators = {1: Backprojector(box, device=device), 2: Backprojector(box, device=device)}
-    bar = Progress(len(ps), "reconstruct", enabled=progress)
+    bar = Progress(len(ps), "reconstruct", enabled=progress, events=events)
     with StackReader() as reader:
         for lo in range(0, len(ps), batch):
             rows = np.arange(lo, min(len(ps), lo + batch))

@@ -21,11 +21,10 @@ from .atomic import write_text
 from .ctf import ctf_2d
 from .fourier import as_tensor, radius_3d, resize_volume
 from .images import StackWriter, read_map
-from .particles import ParticleSet, read_particles, write_cs, write_star
+from .particles import JUNK_COLUMN, ParticleSet, read_particles, write_cs, write_star  # noqa: F401 (JUNK_COLUMN: re-export)
 from .progress import Progress
 
 JUNK_KINDS = {1: "noise", 2: "off-centre", 3: "other map"}
-JUNK_COLUMN = "rlnCryoforumJunk"
 
 
 @dataclasses.dataclass
@@ -80,11 +79,14 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
              defocus_min: float = 10000.0, defocus_max: float = 25000.0, astigmatism: float = 500.0,
              voltage: float = 300.0, cs: float = 2.7, amp_contrast: float = 0.1, ctf_from=None, no_ctf: bool = False,
              junk_fraction: float = 0.0, junk_map=None, seed: int = 0, chunk: int = 1000, device=None,
-             progress: bool = True) -> SimulationResult:
+             progress: bool = True, noise_spectrum=None) -> SimulationResult:
     """Simulate ``n`` particles of ``map_path`` in a ``box``-pixel box; see ``cryoforum simulate --help``.
 
     ``max_shift``: Å (uniform in [-max, max] per axis); defocus and astigmatism in Å; ``snr`` = mean variance of
     the clean CTF-modulated images / noise variance (one noise level for the whole set; ``snr <= 0``: no noise).
+    ``noise_spectrum``: None for white noise; else coloured noise of the same per-pixel variance with this radial
+    shape: a (box//2+1,) array of per-shell power, a callable of spatial frequency (1/Å) or a noise.NoiseModel
+    (see noise.relative_spectrum).
     """
     start = time.time()
     out = Path(out_dir)
@@ -160,6 +162,11 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
     signal_var = float(clean(pilot)[torch.as_tensor(junk[pilot] == 0, device=device)].var(dim=(-2, -1)).mean())
     noise_std = float(np.sqrt(signal_var / snr)) if snr > 0 else 0.0
 
+    if noise_spectrum is not None:
+        from .noise import coloured_noise, relative_spectrum
+
+        colour = relative_spectrum(noise_spectrum, box, apix)
+
     stack_path = out / "particles.mrcs"
     writer = StackWriter(stack_path, n, box, apix)
     bar = Progress(n, "simulate", enabled=progress)
@@ -168,7 +175,9 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
         for lo in range(0, n, chunk):
             rows = np.arange(lo, min(n, lo + chunk))
             img = clean(rows)
-            if noise_std > 0:
+            if noise_std > 0 and noise_spectrum is not None:
+                img = img + noise_std * coloured_noise(len(rows), box, colour, gen, device)
+            elif noise_std > 0:
                 img = img + noise_std * torch.randn(img.shape, generator=gen, device=device)
             writer.write(img.cpu().numpy())
             bar.update(len(rows))
@@ -193,10 +202,11 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
          "signal_var": signal_var, "orientations": "file" if given is not None else orientations, "sym": sym,
          "restrict_to_asu": restrict_to_asu, "max_shift_A": max_shift, "ctf": ctf is not None,
          "junk": {JUNK_KINDS[k]: int((junk == k).sum()) for k in JUNK_KINDS}, "seed": seed,
-         "seconds": round(result.seconds, 2)}, indent=2))
+         "seconds": round(result.seconds, 2),
+         **({"noise_spectrum": [float(v) for v in colour]} if noise_spectrum is not None else {})}, indent=2))
     return result
 
 
 def write_truth(ps: ParticleSet, junk: np.ndarray, path, relative_to=None) -> None:
     """``truth.star``: the particles with their true poses and shifts plus the junk label column."""
-    write_star(dataclasses.replace(ps, extra={**ps.extra, JUNK_COLUMN: junk}), path, relative_to=relative_to)
+    write_star(dataclasses.replace(ps, junk=np.asarray(junk, dtype=np.int64)), path, relative_to=relative_to)

@@ -2,84 +2,76 @@
 
 Loss per batch (B images, P pairs (i, j) drawn inside the batch, so memory grows with the pairs, never N²):
     β1 · 2·mean_i d(q̂_i, q_i)  +  β2 · mean_(i,j) |d(q̂_i, q̂_j) - d(q_i, q_j)|  +  l2 · Σ w²
-with the curriculum β1 = √(t/T)/2, β2 = 1 - √(t/T) ('siamese'); β1 = 0 ('siamese_noreg'); or β1 = 1/2, β2 = 0
-('single', one branch). d is the geodesic distance, symmetry-aware (minimum over the point group) with --sym.
+with the curriculum β1 = max(floor, √(t/T)/2), β2 = 1 - √(t/T) ('siamese'; the paper: floor 0); β1 = 0
+('siamese_noreg'); or β1 = 1/2, β2 = 0 ('single', one branch). d is the geodesic distance 2 acos|<p,q>| or, with
+``distance_loss='chordal'``, 2 - 2|<p,q>|; symmetry-aware (minimum over the point group) with --sym.
+
+Training from a map (issue 14): with ``pretrain_steps`` > 0 the first steps see only synthetic particles, freshly
+simulated on the training device for every batch (synthetic.MapParticleSimulator): projections of the map
+(``from_map``, or by default a reconstruction of the TRAINING split at its poses, FSC-weighted from its half-maps)
+at uniformly random orientations, with the CTFs and shifts of the training particles and Gaussian noise of the
+spectrum measured on the training particles against that map (noise.estimate_noise_spectrum), at the measured SNR
+(or ``synthetic_snr``; ``synthetic_snr_start`` anneals from another one over the first ``synthetic_snr_anneal``
+of the pre-training steps). The same preprocessing, augmentations,
+loss and one learning-rate schedule span both phases (T counts the pre-training steps too); then come ``epochs``
+on the real particles. Validation is on the real validation particles throughout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, distributed, geometry, symmetry
-from .atomic import atomic_path, write_text
-from .dataset import ImageSource, auto_workers, split_rows
+from .fourier import fft3c, ifft3c, radius_3d
+from .image_source import ImageSource, auto_workers, split_rows
 from .errors import CryoforumError
-from .fourier import fft2c, ifft2c
-from .model import OrientationNet
+from .model_dir import ModelDir
 from .particles import ParticleSet
-from .preprocess import Preprocess, psi_rotation_quats, rotate_images
-from .progress import Progress
-from .projection import shift_phase
+from .preprocess import augment, phase_flipped
+from .progress import Events, Progress
+from .train_config import TrainConfig, build
+from .uncertainty import trace_scale
 
 N_DISTANCE_BINS = 8
 GRAD_CLIP = 10.0  # global gradient-norm clip: eigh's backward can spike when eigenvalues nearly coincide
+RECONSTRUCTION = "reconstruction of the training split"
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Every training option (the names and defaults of plugin.yaml's ``train`` job)."""
 
-    box: int = 128
-    blur: str = "lowpass"
-    pooling: str = "gem"
-    head: str = "qcqp"
-    qcqp_param: str = "cholesky"
-    width: float = 1.0
-    drop_last: bool = False
-    dropout: float = 0.3
-    l2: float = 1e-3
-    training: str = "siamese"
-    pairs: str = "random"
-    pairs_per_batch: int = 1024
-    sym: str = "C1"
-    restrict_to_asu: bool = False
-    epochs: int = 50
-    batch: int = 256
-    lr: float = 1e-3
-    val_fraction: float = 0.17
-    test_fraction: float = 0.33
-    split: str = "random"
-    seed: int = 42
-    augment_psi: bool = False
-    augment_shift: float = 0.0
-    max_particles: int = 0
-
-    @classmethod
-    def from_args(cls, args) -> "TrainConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def build(config: TrainConfig, mean: float = 0.0, std: float = 1.0) -> tuple[Preprocess, OrientationNet]:
-    """The preprocessing module and the network for a configuration."""
-    pre = Preprocess(config.box, config.blur, mean, std)
-    net = OrientationNet(pre.channels, config.head, config.pooling, config.width, config.drop_last, config.dropout,
-                         config.qcqp_param)
-    return pre, net
-
-
-def curriculum(mode: str, progress: float) -> tuple[float, float]:
-    """(β1, β2) at training progress t/T in [0, 1]."""
+def curriculum(mode: str, progress: float, beta1_floor: float = 0.0) -> tuple[float, float]:
+    """(β1, β2) at training progress t/T in [0, 1]; ``beta1_floor`` applies to 'siamese' only."""
     if mode == "single":
         return 0.5, 0.0
     s = math.sqrt(min(max(progress, 0.0), 1.0))
-    return (0.0 if mode == "siamese_noreg" else s / 2), 1.0 - s
+    return (0.0 if mode == "siamese_noreg" else max(beta1_floor, s / 2)), 1.0 - s
+
+
+def symmetric_chordal(p: torch.Tensor, q: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """min over g of the squared quaternion chordal distance 2 - 2|<p, q ⊗ g>| (in [0, 2]; ≈ θ²/4 for small
+    angles θ). p, q: (..., 4); group: (G, 4)."""
+    expanded = geometry.quat_mul(q[..., None, :], group)
+    return (2 - 2 * (p[..., None, :] * expanded).sum(-1).abs()).min(dim=-1).values
+
+
+def fsc_weighted(maps: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The full map of ``reconstruction.reconstruct(..., halves=True)`` multiplied per Fourier shell by
+    sqrt(2·FSC / (1 + FSC)) of its half-maps (0 where the FSC is <= 0 and beyond the last shell): the noise of a
+    small reconstruction is filtered out before it is projected as if it were signal. Returns (map, FSC curve)."""
+    from .fsc import fsc_curve
+
+    curve = fsc_curve(maps["half1"], maps["half2"])
+    c = np.clip(curve, 0, 1)
+    weight = np.concatenate([np.sqrt(2 * c / (1 + c)), [0.0]])
+    vol = torch.as_tensor(maps["full"], dtype=torch.float64)
+    d = vol.shape[-1]
+    shell = torch.round(radius_3d(d)).long().clamp(max=len(weight) - 1)
+    w = torch.as_tensor(weight)[shell]
+    return ifft3c(fft3c(vol) * w).real.float().numpy(), curve
 
 
 def sample_pairs(true_dist: torch.Tensor, n_pairs: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +100,7 @@ class Trainer:
     """Trains on a ParticleSet with poses and writes MODEL_DIR (config.json, split.json, best.pt, last.pt, log.csv)."""
 
     def __init__(self, ps: ParticleSet, out_dir, config: TrainConfig, device: torch.device, progress: bool = True,
-                 amp: bool = True, abort_check=None, workers: int = -1, cache_gb: float = 2.0):
+                 amp: bool = True, events: Events | None = None, workers: int = -1, cache_gb: float = 2.0):
         if not ps.has_poses.all():
             r = int(np.argmax(~ps.has_poses))
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
@@ -116,11 +108,11 @@ class Trainer:
                                      "refinement's particles with alignments3D).")
         self.rank, self.world = distributed.init_from_env()
         device = distributed.local_device(device)
-        self.ps, self.out, self.cfg, self.device = ps, Path(out_dir), config, device
-        self.progress, self.abort_check = progress and self.rank == 0, abort_check
+        self.ps, self.out, self.cfg, self.device = ps, ModelDir(out_dir), config, device
+        self.progress, self.events = progress and self.rank == 0, events or Events()
         self.workers = auto_workers(device) if workers < 0 else workers
         self.amp = amp and device.type == "cuda"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out.create()
         symmetry.canonical_name(config.sym)
         self.group = torch.as_tensor(symmetry.group_quats(config.sym), dtype=torch.float32, device=device)
         targets = geometry.normalize(ps.quat)
@@ -150,12 +142,20 @@ class Trainer:
                 self.net, device_ids=[device] if device.type == "cuda" else None)
         self.per_rank = len(self.split["train"]) // self.world
         self.steps_per_epoch = math.ceil(self.per_rank / config.batch)
+        self.total_steps = config.pretrain_steps + config.epochs * self.steps_per_epoch
+        if self.total_steps < 1:
+            raise CryoforumError("nothing to train: --epochs 0 and --pretrain-steps 0.",
+                                 fix="give --epochs and/or --pretrain-steps.")
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.99))
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=config.lr, epochs=config.epochs,
-                                                         steps_per_epoch=self.steps_per_epoch, cycle_momentum=True,
-                                                         base_momentum=0.85, max_momentum=0.95)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=config.lr, total_steps=self.total_steps,
+                                                         cycle_momentum=True, base_momentum=0.85,
+                                                         max_momentum=0.95)
         self.epoch, self.best = 0, float("inf")
         self.log: list[dict] = []
+        self.pretrain_step = 0
+        self.sim = None
+        self.sim_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 7 + self.rank)
+        self.synthetic_info: dict | None = None
 
     # ------------------------------------------------------------------ distances
     def dist(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -166,152 +166,282 @@ class Trainer:
         """(rows, raw images) for consecutive chunks of ``rows``, read ahead by the loader processes."""
         return self.source.batches(rows, batch, workers=self.workers, pin_memory=self.device.type == "cuda")
 
-    def _inputs(self, rows, raw: torch.Tensor, augment: bool):
-        """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""
+    def loss_dist(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The distance the losses use (``distance_loss``): geodesic (radians) or squared chordal."""
+        if self.cfg.distance_loss == "chordal":
+            return symmetric_chordal(p, q, self.group)
+        return self.dist(p, q)
+
+    def _network_input(self, raw: torch.Tensor, target: torch.Tensor, augmented: bool, ctf, ctf_rows, pixel_size):
+        """Raw (B, N, N) images (any device) and their (B, 4) targets on the device -> (network input, targets),
+        augmented; ``ctf``/``ctf_rows``/``pixel_size`` give each image's CTF for the phase-flipped channel."""
         raw = raw.to(self.device, non_blocking=True)
+        flipped = phase_flipped(raw, ctf, ctf_rows, pixel_size) if self.cfg.phase_flip else None
+        if augmented:
+            if flipped is None:
+                raw, target = augment(raw, target, self.gen, self.cfg.augment_psi, self.cfg.augment_shift)
+            else:
+                raw, target, flipped = augment(raw, target, self.gen, self.cfg.augment_psi, self.cfg.augment_shift,
+                                               also=flipped)
+        return self.pre(raw, flipped), target
+
+    def _inputs(self, rows, raw: torch.Tensor, augmented: bool):
+        """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""
         target = self.targets[torch.as_tensor(rows)].to(self.device)
-        if augment and self.cfg.augment_psi:
-            a = torch.rand(len(rows), generator=self.gen) * 360 - 180
-            raw = rotate_images(raw, a.to(self.device))
-            r = torch.as_tensor(psi_rotation_quats(a.numpy()), dtype=torch.float32, device=self.device)
-            target = geometry.quat_mul(r, target)
-        if augment and self.cfg.augment_shift > 0:  # re-centring noise: the pose does not change
-            s = (torch.rand(len(rows), 2, generator=self.gen) * 2 - 1) * self.cfg.augment_shift
-            raw = ifft2c(fft2c(raw) * shift_phase(s.to(self.device), raw.shape[-1])).real
-        return self.pre(raw), target
+        return self._network_input(raw, target, augmented, self.ps.ctf, rows, self.ps.pixel_size[rows])
+
+    def _l2(self) -> torch.Tensor:
+        if self.cfg.l2_head:
+            return self.model.l2_penalty()
+        return sum((m.weight**2).sum() for m in self.model.modules()
+                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m is not self.model.dense)
 
     def loss(self, out: dict, target: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, per-image error (B,) in radians)."""
-        b1, b2 = curriculum(self.cfg.training, progress)
+        """(total loss, per-image geodesic error (B,) in radians)."""
+        b1, b2 = curriculum(self.cfg.loss, progress, self.cfg.beta1_floor)
         err = self.dist(out["quat"], target)
-        total = b1 * 2 * err.mean()
+        d = err if self.cfg.distance_loss == "geodesic" else self.loss_dist(out["quat"], target)
+        total = b1 * 2 * d.mean()
         if b2 > 0 and len(target) > 1:
             with torch.no_grad():
-                true_all = self.dist(target[:, None, :], target[None, :, :])
+                true_all = self.loss_dist(target[:, None, :], target[None, :, :])
             i, j = sample_pairs(true_all, self.cfg.pairs_per_batch, self.cfg.pairs, self.gen)
-            pred_d = self.dist(out["quat"][i], out["quat"][j])
+            pred_d = self.loss_dist(out["quat"][i], out["quat"][j])
             total = total + b2 * (pred_d - true_all[i, j]).abs().mean()
-        total = total + self.cfg.l2 * self.model.l2_penalty()
+        total = total + self.cfg.l2 * self._l2()
         return total, err.detach()
+
+    def _step(self, x: torch.Tensor, target: torch.Tensor, progress: float) -> tuple[float, torch.Tensor]:
+        """One optimiser step; (loss, per-image error)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net(x)
+        loss, err = self.loss({k: v.float() for k, v in out.items()}, target, progress)
+        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise CryoforumError("the training loss became NaN/inf.", fix="lower --lr or check the input images.")
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
+        self.gnorms.append(float(gnorm))
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach()), err
+
+    # ------------------------------------------------------------------ synthetic particles (pre-training)
+    def training_map(self) -> tuple[np.ndarray, dict]:
+        """(map on the particles' grid (box³ at their pixel size), provenance): ``from_map`` resampled, or the
+        FSC-weighted reconstruction of the training split (never validation or test particles)."""
+        from .noise import _map_on_particle_grid
+
+        box, apix = int(self.ps.box[0]), float(self.ps.pixel_size[0])
+        if self.cfg.from_map:
+            vol = _map_on_particle_grid(self.cfg.from_map, box, apix, None, "cpu").numpy()
+            return vol, {"map": self.cfg.from_map}
+        from .reconstruction import reconstruct
+        from .fsc import resolution
+
+        t0 = time.time()
+        maps = reconstruct(self.ps.subset(self.split["train"]), halves=True, device=self.device, progress=False)
+        vol, curve = fsc_weighted(maps)
+        return vol, {"map": RECONSTRUCTION, "map_file": "training_map.mrc", "map_particles": len(self.split["train"]),
+                     "half_map_fsc_0.143_A": resolution(curve, box, apix, 0.143),
+                     "map_weighting": "sqrt(2 FSC / (1 + FSC)) of the half-maps",
+                     "map_seconds": round(time.time() - t0, 1)}
+
+    def _setup_synthetic(self) -> None:
+        """Build the simulator (map, noise model of the training particles); on a resume the stored ones."""
+        from .images import read_map
+        from .noise import NoiseModel, estimate_noise_spectrum
+        from .synthetic import MapParticleSimulator
+
+        cfg, apix = self.cfg, float(self.ps.pixel_size[0])
+        stored = self.out.synthetic() if self.pretrain_step > 0 else None
+        if stored is not None:
+            noise = NoiseModel.from_dict(stored["noise_model"])
+            if stored["map"] == RECONSTRUCTION:
+                vol = read_map(self.out.path / stored["map_file"])[0]
+            else:
+                vol = self.training_map()[0]
+            info = stored
+        else:
+            t0 = time.time()
+            vol, info = self.training_map()
+            train = self.ps.subset(self.split["train"])
+            cached = self.source._cache
+            images = None if cached is None else cached[torch.as_tensor(self.split["train"])]
+            noise = estimate_noise_spectrum(train, vol, images=images, device=self.device, seed=cfg.seed)
+            snr = cfg.synthetic_snr if cfg.synthetic_snr else noise.snr
+            if not (snr > 0 and math.isfinite(snr)):
+                raise CryoforumError(f"the SNR measured on the training particles against the map is {snr}.",
+                                     fix="check the map (--from-map) matches the particles, or set --synthetic-snr.")
+            info = {**info, "data_snr": noise.snr, "snr": snr, "snr_start": cfg.synthetic_snr_start,
+                    "orientations": "uniform", "noise_particles": min(len(train), 2000),
+                    "setup_seconds": round(time.time() - t0, 1), "noise_model": noise.to_dict()}
+            if self.rank == 0:
+                if info["map"] == RECONSTRUCTION:
+                    self.out.write_training_map(vol, apix)
+                self.out.write_synthetic(info)
+        train = self.ps.subset(self.split["train"])
+        sim_box = min(cfg.box, int(self.ps.box[0]))  # simulate at the training box: Fourier cropping commutes
+        self.sim = MapParticleSimulator.from_particles(train, vol, apix, noise=noise, snr=info["snr"],
+                                                       device=self.device, box=sim_box, per_image_snr=False)
+        self.synthetic_info = info
+        if getattr(self, "_sim_gen_state", None) is not None:
+            self.sim_gen.set_state(self._sim_gen_state)
+            self._sim_gen_state = None
+
+    def synthetic_snr_at(self, step: int) -> float:
+        """The pre-training SNR at ``step`` (geometric anneal from ``synthetic_snr_start``)."""
+        from .synthetic import snr_at
+
+        end, start = self.synthetic_info["snr"], self.cfg.synthetic_snr_start
+        if not start:
+            return end
+        return snr_at(step / max(self.cfg.synthetic_snr_anneal * self.cfg.pretrain_steps, 1), start, end)
+
+    def synthetic_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network input, targets) of one freshly simulated, augmented batch."""
+        snr = self.synthetic_snr_at(step)
+        raw, quats, p = self.sim.batch(self.cfg.batch, self.sim_gen, snr_scale=snr / self.synthetic_info["snr"],
+                                       return_params=True)
+        q = geometry.normalize(quats.double().cpu().numpy())
+        if self.cfg.restrict_to_asu:
+            q = symmetry.reduce_to_asu(q, self.cfg.sym)
+        target = torch.as_tensor(q, dtype=torch.float32, device=self.device)
+        return self._network_input(raw, target, True, self.sim.ctf_pool, p["ctf_rows"], self.sim.pixel_size)
+
+    def _pretrain(self) -> None:
+        cfg = self.cfg
+        self._setup_synthetic()
+        while self.pretrain_step < cfg.pretrain_steps:
+            t0 = time.time()
+            self.net.train()
+            chunk = min(cfg.pretrain_log_every, cfg.pretrain_steps - self.pretrain_step)
+            bar = Progress(chunk * cfg.batch, f"pre-training {self.pretrain_step + 1}-{self.pretrain_step + chunk}"
+                           f"/{cfg.pretrain_steps}", enabled=self.progress, events=self.events)
+            losses, errs, self.gnorms, sim_seconds = [], [], [], 0.0
+            for _ in range(chunk):
+                ts = time.time()
+                x, target = self.synthetic_batch(self.pretrain_step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                sim_seconds += time.time() - ts
+                loss, err = self._step(x, target, self.pretrain_step / max(self.total_steps - 1, 1))
+                losses.append(loss)
+                errs.append(err.cpu().numpy())
+                self.pretrain_step += 1
+                bar.update(cfg.batch)  # polls the events for an abort
+            bar.close()
+            row = self._row(losses, errs, time.time() - t0, synthetic=True, sim_seconds=sim_seconds)
+            self._end_of_row(row, f"pre-training step {self.pretrain_step:5d}/{cfg.pretrain_steps}  "
+                                  f"SNR {row['snr']:.3g}")
 
     # ------------------------------------------------------------------ loop
     @torch.no_grad()
     def evaluate(self, rows, batch: int = 512) -> np.ndarray:
         """Per-particle error (radians) of the current network on ``rows`` (no augmentation)."""
         self.net.eval()
-        errs, traces = [], []
+        errs, evals = [], []
         for chunk, raw in self._batches(rows, batch):
-            x, t = self._inputs(chunk, raw, augment=False)
+            x, t = self._inputs(chunk, raw, augmented=False)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.net(x)
             errs.append(self.dist(out["quat"].float(), t).cpu().numpy())
             if "evals" in out:
-                ev = out["evals"].float()
-                traces.append((ev[:, 1:].sum(1) - 3 * ev[:, 0]).cpu().numpy())
-        self.trace_scale = float(np.median(np.concatenate(traces))) if traces else 1.0
+                evals.append(out["evals"].float().cpu().numpy())
+        self.trace_scale = trace_scale(np.concatenate(evals) if evals else None)
         return np.concatenate(errs) if errs else np.zeros(0)
+
+    def _row(self, losses, errs, seconds: float, synthetic: bool, sim_seconds: float = 0.0) -> dict:
+        """One log row: validation on the real validation particles at the current step."""
+        step = self.pretrain_step + self.epoch * self.steps_per_epoch  # optimiser steps done (per rank)
+        val = self.evaluate(self.split["val"])
+        b1, b2 = curriculum(self.cfg.loss, step / max(self.total_steps - 1, 1), self.cfg.beta1_floor)
+        return {"epoch": self.epoch if not synthetic else round((step - self.cfg.pretrain_steps) / self.steps_per_epoch, 3),
+                "loss": float(np.mean(losses)) if losses else float("nan"),
+                "train_median_rad": float(np.median(np.concatenate(errs))) if errs else float("nan"),
+                "val_median_rad": float(np.median(val)), "val_median_deg": float(np.degrees(np.median(val))),
+                "lr": float(self.sched.get_last_lr()[0]), "beta1": b1, "beta2": b2,
+                "seconds": round(seconds, 2),
+                "grad_norm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0,
+                "step": step, "synthetic": int(synthetic),
+                "snr": self.synthetic_snr_at(self.pretrain_step) if synthetic else float("nan"),
+                "sim_seconds": round(sim_seconds, 2)}
+
+    def _end_of_row(self, row: dict, label: str) -> None:
+        self.log.append(row)
+        improved = row["val_median_rad"] < self.best
+        if improved:
+            self.best = row["val_median_rad"]
+        if self.rank == 0:
+            self._checkpoint(improved)
+        distributed.barrier()
+        if self.progress:
+            self.events.message(f"{label}  loss {row['loss']:.4f}  train {row['train_median_rad']:.3f} rad  "
+                                f"val {row['val_median_rad']:.3f} rad ({row['val_median_deg']:.1f}°)  "
+                                f"{row['seconds']:.1f} s" + ("  *best" if improved else ""))
 
     def train(self) -> dict:
         cfg = self.cfg
-        total_steps = cfg.epochs * self.steps_per_epoch
         if self.rank == 0:
             self._write_meta()
+        if self.pretrain_step < cfg.pretrain_steps:
+            self._pretrain()
         while self.epoch < cfg.epochs:
             t0 = time.time()
             self.net.train()
             perm = self.split["train"][torch.randperm(len(self.split["train"]), generator=self.gen).numpy()]
             perm = perm[: self.per_rank * self.world][self.rank::self.world]  # same permutation on every rank
-            bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress)
+            bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress,
+                           events=self.events)
             losses, errs = [], []
             self.gnorms = []
             for step, (rows, raw) in enumerate(self._batches(perm, cfg.batch)):
                 if len(rows) < 2:
                     continue
-                x, target = self._inputs(rows, raw, augment=True)
-                progress = (self.epoch * self.steps_per_epoch + step) / max(total_steps - 1, 1)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = self.net(x)
-                loss, err = self.loss({k: v.float() for k, v in out.items()}, target, progress)
-                self.opt.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
-                    raise CryoforumError("the training loss became NaN/inf.", fix="lower --lr or check the input images.")
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
-                self.gnorms.append(float(gnorm))
-                self.opt.step()
-                self.sched.step()
-                losses.append(float(loss.detach()))
+                x, target = self._inputs(rows, raw, augmented=True)
+                done = cfg.pretrain_steps + self.epoch * self.steps_per_epoch + step
+                loss, err = self._step(x, target, done / max(self.total_steps - 1, 1))
+                losses.append(loss)
                 errs.append(err.cpu().numpy())
-                bar.update(len(rows))
-                if self.abort_check is not None:
-                    self.abort_check()
+                bar.update(len(rows))  # polls the events for an abort
             bar.close()
-            val = self.evaluate(self.split["val"])
-            b1, b2 = curriculum(cfg.training, (self.epoch + 1) / cfg.epochs)
-            row = {"epoch": self.epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "train_median_rad": float(np.median(np.concatenate(errs))) if errs else float("nan"),
-                   "val_median_rad": float(np.median(val)), "val_median_deg": float(np.degrees(np.median(val))),
-                   "lr": float(self.sched.get_last_lr()[0]), "beta1": b1, "beta2": b2,
-                   "seconds": round(time.time() - t0, 2),
-                   "grad_norm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0}
             self.epoch += 1
-            self.log.append(row)
-            improved = row["val_median_rad"] < self.best
-            if improved:
-                self.best = row["val_median_rad"]
-            if self.rank == 0:
-                self._checkpoint(improved)
-            distributed.barrier()
-            if self.progress:
-                print(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  train {row['train_median_rad']:.3f} rad  "
-                      f"val {row['val_median_rad']:.3f} rad ({row['val_median_deg']:.1f}°)  {row['seconds']:.1f} s"
-                      + ("  *best" if improved else ""), flush=True)
+            row = self._row(losses, errs, time.time() - t0, synthetic=False)
+            self._end_of_row(row, f"epoch {self.epoch:3d}")
         self.source.close()
         return {"best_val_median_rad": self.best, "epochs": self.epoch, "log": self.log}
 
-    # ------------------------------------------------------------------ files
+    # ------------------------------------------------------------------ files (the layout: model_dir.py)
     def _write_meta(self) -> None:
         meta = {"cryoforum_version": __version__, "config": dataclasses.asdict(self.cfg),
                 "particles": str(self.ps.path), "n_particles": len(self.ps),
                 "input_box": int(self.ps.box[0]), "input_pixel_size": float(self.ps.pixel_size[0]),
                 "model_pixel_size": float(self.ps.pixel_size[0]) * int(self.ps.box[0]) / self.cfg.box,
                 "device": str(self.device), "torch": torch.__version__}
-        write_text(self.out / "config.json", json.dumps(meta, indent=2))
-        split = {k: {"rows": v.tolist(), "uids": [int(u) for u in self.ps.uid[v]]} for k, v in self.split.items()}
-        write_text(self.out / "split.json", json.dumps(split))
+        if self.cfg.pretrain_steps:
+            meta["synthetic"] = "synthetic.json"
+        self.out.write_meta(meta)
+        self.out.write_split(self.split, self.ps.uid)
 
-    def _state(self, full: bool) -> dict:
-        state = {"config": dataclasses.asdict(self.cfg), "preprocess": self.pre.state_dict(),
-                 "model": self.model.state_dict(), "epoch": self.epoch, "best": self.best,
-                 "trace_scale": getattr(self, "trace_scale", 1.0)}
-        if full:
-            state.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), log=self.log,
-                         gen=self.gen.get_state(), torch_rng=torch.get_rng_state())
-        return state
+    def _state(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "preprocess": self.pre.state_dict(),
+                "model": self.model.state_dict(), "epoch": self.epoch, "best": self.best,
+                "trace_scale": getattr(self, "trace_scale", 1.0),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "log": self.log,
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "pretrain_step": self.pretrain_step, "sim_gen": self.sim_gen.get_state()}
 
     def _checkpoint(self, improved: bool) -> None:
-        with atomic_path(self.out / "last.pt") as tmp:
-            torch.save(self._state(full=True), tmp)
-        if improved:
-            with atomic_path(self.out / "best.pt") as tmp:
-                torch.save(self._state(full=False), tmp)
-        import csv
-        import io
-
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.log[0]))
-        writer.writeheader()
-        writer.writerows(self.log)
-        write_text(self.out / "log.csv", buf.getvalue())
+        self.out.save_checkpoint(self._state(), best=improved)
+        self.out.write_log(self.log)
 
     def resume(self) -> bool:
         """Continue from MODEL_DIR/last.pt if it exists (same configuration required). Returns whether it did."""
-        path = self.out / "last.pt"
-        if not path.exists():
+        state = self.out.last_state(self.device)
+        if state is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != dataclasses.asdict(self.cfg):
-            raise CryoforumError("the checkpoint was trained with other options.", path=path,
+        if TrainConfig.from_dict(state["config"]) != self.cfg:
+            raise CryoforumError("the checkpoint was trained with other options.", path=self.out.path / "last.pt",
                                  fix="resume with the same options, or train into a new --out directory.")
         self.pre.load_state_dict(state["preprocess"])
         self.model.load_state_dict(state["model"])
@@ -320,18 +450,7 @@ class Trainer:
         self.epoch, self.best, self.log = state["epoch"], state["best"], state["log"]
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+        self.pretrain_step = state.get("pretrain_step", 0)
+        if "sim_gen" in state:
+            self._sim_gen_state = state["sim_gen"].cpu()
         return True
-
-
-def load_model(model_dir, device=None) -> tuple[Preprocess, OrientationNet, dict]:
-    """(preprocess, network in eval mode, state) from MODEL_DIR/best.pt."""
-    path = Path(model_dir) / "best.pt"
-    if not path.exists():
-        raise CryoforumError("no trained model (best.pt) in the model directory.", path=model_dir,
-                             fix="pass the --out directory of a finished `cryoforum train` run.")
-    state = torch.load(path, map_location=device or "cpu", weights_only=False)
-    cfg = TrainConfig(**state["config"])
-    pre, net = build(cfg)
-    pre.load_state_dict(state["preprocess"])
-    net.load_state_dict(state["model"])
-    return pre.to(device).eval(), net.to(device).eval(), state

@@ -19,6 +19,13 @@ def dispersions(evals) -> dict[str, np.ndarray]:
     return {"max": ev[:, 0] - ev[:, 1], "trace": 3 * ev[:, 0] - ev[:, 1:].sum(1)}
 
 
+def trace_scale(evals) -> float:
+    """The figure of merit's scale: median |eq. 7 trace| over a set of (N, 4) eigenvalues (1.0 for none)."""
+    if evals is None or len(evals) == 0:
+        return 1.0
+    return float(np.median(-dispersions(evals)["trace"])) or 1.0
+
+
 def figure_of_merit(trace, scale: float) -> np.ndarray:
     """Confidence in [0, 1], higher = more confident: 1 - exp(trace / scale), ``scale`` = median |trace| on the
     validation set (stored with the model), so a typical validation particle scores 0.63."""

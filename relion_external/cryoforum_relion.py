@@ -17,12 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from cryoforum_plugin.progress import Events
+
 OUTPUT_NODE_TYPES = {  # file -> (RELION 3.1 integer type, RELION 4/5 type label)
     "particles": (3, "ParticleGroupMetadata.star.relion"),
     "map": (6, "DensityMap.mrc"),
     "model": (8, "ProcessData.pt.cryoforum"),
 }
-ENGINE_JOBS = ("train", "predict", "filter")
 
 
 class JobAborted(Exception):
@@ -30,27 +31,18 @@ class JobAborted(Exception):
 
 
 def build_parser():
+    """RELION's own arguments, the form's parameters and every engine option (all declared in plugin.yaml)."""
     from cryoforum_plugin import manifest
 
     parser = argparse.ArgumentParser(prog="cryoforum-relion", description=manifest.job("relion")["help"],
                                      allow_abbrev=False)
     parser.add_argument("--o", required=True, help="RELION job directory (External/jobNNN/).")
     parser.add_argument("--in_parts", default=None, help="Input particle STAR file.")
-    parser.add_argument("--in_3dref", default=None, help="Optional reference map (unused; accepted).")
+    parser.add_argument("--in_3dref", default=None, help="Reference map for the refinement (the consensus map).")
     parser.add_argument("--in_mask", default=None, help="Optional mask (unused; accepted).")
     parser.add_argument("--j", type=int, default=1, help="Threads (CPU).")
     parser.add_argument("--pipeline_control", default=None, help="Set by RELION; accepted.")
     manifest.add_arguments(parser, "relion")
-    declared = {a.dest for a in parser._actions}
-    for job in ENGINE_JOBS:  # every engine option is accepted as an additional argument, declared once there
-        for p in manifest.params(job):
-            if p.get("positional") or p["name"] in declared or p["name"] in ("particles", "out", "predicted"):
-                continue
-            sub = argparse.ArgumentParser(add_help=False)
-            manifest.add_arguments_from(sub, [dict(p, required=False)])
-            for action in sub._actions:
-                parser._add_action(action)
-            declared.add(p["name"])
     return parser
 
 
@@ -65,12 +57,16 @@ def parse(argv):
     return args, unknown
 
 
-def engine_args(job: str, args, **overrides) -> argparse.Namespace:
-    """A namespace for an engine command: its manifest defaults, the job's values, then ``overrides``."""
-    from cryoforum_plugin import manifest
+class RelionEvents(Events):
+    """The job's events: lines to run.out (stdout), abort when RELION writes RELION_JOB_ABORT_NOW."""
 
-    values = {p["name"]: getattr(args, p["name"]) for p in manifest.params(job) if hasattr(args, p["name"])}
-    return manifest.namespace(job, **{**values, **overrides})
+    def __init__(self, job_dir: Path):
+        super().__init__(sys.stdout)
+        self.abort_file = Path(job_dir) / "RELION_JOB_ABORT_NOW"
+
+    def check_abort(self) -> None:
+        if self.abort_file.exists():
+            raise JobAborted()
 
 
 def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
@@ -86,50 +82,55 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
 
 
 def run(args, job_dir: Path) -> list[tuple[str, str]]:
-    """The job itself; returns the output nodes (paths relative to the project directory)."""
-    from cryoforum_plugin.commands import filter as filter_cmd
-    from cryoforum_plugin.commands import predict as predict_cmd
-    from cryoforum_plugin.commands import train as train_cmd
+    """The job itself: RELION's inputs -> ``jobs`` -> RELION's outputs; returns the output nodes (paths
+    relative to the project directory)."""
+    from cryoforum_plugin import jobs, manifest
     from cryoforum_plugin.errors import CryoforumError
+    from cryoforum_plugin.particles import read_particles
 
-    abort_file = job_dir / "RELION_JOB_ABORT_NOW"
-
-    def abort_check():
-        if abort_file.exists():
-            raise JobAborted()
-
+    events = RelionEvents(job_dir)
     if not args.in_parts:
         raise CryoforumError("no input particles.", fix="set 'Input particles' (--in_parts) on the I/O tab.")
-    device = f"cuda:{args.gpu}" if str(args.gpu).strip() else "auto"
+    names = [p["name"] for p in manifest.pipeline_params()]
+    opts = jobs.options(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, "threads": args.j,
+                           "resume": True})
+    if str(args.gpu).strip():
+        opts.device = f"cuda:{args.gpu}"
+    ps = read_particles(args.in_parts)
     nodes = []
     model_dir = job_dir / "model"
-    if args.mode in ("train", "train_predict"):
-        print(f"[cryo-forum] training on {args.in_parts} -> {model_dir}", flush=True)
-        train_cmd.run(engine_args("train", args, particles=args.in_parts, out=str(model_dir), device=device,
-                                  threads=args.j, resume=(model_dir / "last.pt").exists()), abort_check=abort_check)
-        nodes.append((str(model_dir / "best.pt"), "model"))
-    else:
+    if args.mode == "predict":
         if not args.model:
             raise CryoforumError("mode predict needs a trained model.",
                                  fix="set 'model' to the model directory of an earlier cryo-forum job.")
         model_dir = Path(args.model)
-    if args.mode in ("predict", "train_predict"):
-        print(f"[cryo-forum] predicting {args.in_parts} with {model_dir}", flush=True)
-        predict_cmd.run(engine_args("predict", args, particles=args.in_parts, model=str(model_dir),
-                                    out=str(job_dir), format="star", device=device, threads=args.j),
-                        abort_check=abort_check)
-        abort_check()
-        filter_cmd.main(engine_args("filter", args, predicted=str(job_dir / "predicted.star"), out=str(job_dir),
-                                    format="star", model=str(model_dir)))
-        nodes += [(str(job_dir / f"{n}.star"), "particles") for n in ("predicted", "confident", "rejected")]
-        if args.reconstruct == "yes":
-            abort_check()
-            from cryoforum_plugin.commands import reconstruct as rec_cmd
+    if args.mode == "train":
+        events.message(f"[cryo-forum] training on {args.in_parts} -> {model_dir}")
+        from cryoforum_plugin.train_config import TrainConfig
 
-            print("[cryo-forum] reconstructing the confident particles", flush=True)
-            rec_cmd.main(engine_args("reconstruct", args, particles=str(job_dir / "confident.star"),
-                                     out=str(job_dir / "confident_map.mrc"), halves=True, device=device))
-            nodes.append((str(job_dir / "confident_map.mrc"), "map"))
+        jobs.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
+                   workers=opts.workers, cache_gb=opts.cache_gb, events=events)
+        return [(str(model_dir / "best.pt"), "model")]
+    opts.refine = args.refine == "yes"
+    reference = jobs.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
+    result = jobs.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
+                           model_dir=model_dir, reference=reference, events=events)
+    if args.mode == "train_predict":
+        nodes.append((str(model_dir / "best.pt"), "model"))
+    jobs.write_predictions(result.predicted, job_dir, args.in_parts, "star")
+    nodes.append((str(job_dir / "predicted.star"), "particles"))
+    if result.refined is not None:
+        jobs.write_refined(result.refined, result.refinement, job_dir, args.in_parts, "star",
+                           extra={"reference": result.reference.source})
+        nodes.append((str(job_dir / "refined.star"), "particles"))
+    jobs.write_selection(result.final, result.selection, job_dir, args.in_parts, "star")
+    nodes += [(str(job_dir / f"{n}.star"), "particles") for n in ("confident", "rejected")]
+    if args.reconstruct == "yes":
+        events.check_abort()
+        events.message("[cryo-forum] reconstructing the confident particles")
+        jobs.reconstruct(result.final.subset(result.selection.keep), job_dir / "confident_map.mrc",
+                         sym=opts.sym, halves=True, device=opts.device, events=events)
+        nodes.append((str(job_dir / "confident_map.mrc"), "map"))
     return nodes
 
 
@@ -173,10 +174,8 @@ def main(argv=None) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     for marker in ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED"):
         (job_dir / marker).unlink(missing_ok=True)
-    from cryoforum_plugin import progress
     from cryoforum_plugin.errors import CryoforumError
 
-    progress.DEFAULT_STREAM = sys.stdout
     start = time.time()
     status = "FAILURE"
     try:

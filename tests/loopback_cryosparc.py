@@ -257,8 +257,12 @@ class Handler(BaseHTTPRequestHandler):
         inp = job["spec"]["inputs"][a["input_name"]]
         have = {r["name"] for r in src["spec"]["outputs"][q["source_output_name"]]["results"]}
         missing = [s["name"] for s in inp["slots"] if s.get("required", True) and s["name"] not in have]
-        if missing:
-            return self._json({"detail": f"source output lacks required slots {missing}"}, 422)
+        # CryoSPARC v5 (cryosparc-tools 5.0 docs: "If the given source job is missing these slots, the external
+        # job cannot start or accept outputs"): the connection is made, a build error is recorded on the job,
+        # and mark_running is refused with 422 while it stands.
+        for slot in missing:
+            job["build_errors"].append({"type": "missing", "loc": ["inputs", a["input_name"], "slots", slot],
+                                        "input": None, "ctx": {}, "input_type": "none"})
         inp["connections"] = [{"job_uid": q["source_job_uid"], "output": q["source_output_name"]}]
         self._json(job)
 
@@ -302,6 +306,10 @@ class Handler(BaseHTTPRequestHandler):
         self._json(job)
 
     def op_jobs_mark_running(self, a, q, body):
+        job = self.state.jobs[a["job_uid"]]
+        if job["build_errors"]:
+            return self._json({"detail": f"Job {job['uid']} has build errors and cannot run: " + "; ".join(
+                f"{e['type']} {'.'.join(map(str, e['loc']))}" for e in job["build_errors"])}, 422)
         self._status(a, q.get("status", "running"))
 
     def op_jobs_mark_completed(self, a, q, body):

@@ -76,3 +76,83 @@ def test_filter_and_report_commands(tmp_path):
 
 def test_target_error_needs_model(tmp_path):
     assert cli(["filter", str(tmp_path / "x.star"), "--target-error", "5"]) == 2
+
+
+def test_cs_prediction_weights_and_target_error_match_star(tmp_path):
+    """A predicted .cs (typed fields in cryoforum/* fields, or only the uid-keyed sidecar) gives the same
+    `reconstruct --weights rlnParticleFigureOfMerit` weights and the same `filter --target-error` selection as
+    the equivalent predicted STAR."""
+    import dataclasses
+
+    from cryosparc.dataset import Dataset
+
+    from cryoforum_plugin import geometry
+    from cryoforum_plugin.cleanup import read_uncertainty
+    from cryoforum_plugin.commands.reconstruct import particle_weights
+    from cryoforum_plugin.particles import read_particles, write_cs, write_star
+
+    d = tmp_path
+    n = 80
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", str(n), "--box", "24", "--snr", "1",
+                "--seed", "5"]) == 0
+    truth = read_particles(d / "sim" / "particles.star")
+    rng = np.random.default_rng(1)
+    err_deg = rng.uniform(0, 60, n)  # predicted = truth rotated by err_deg about a random axis
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    half = np.radians(err_deg) / 2
+    turn = np.concatenate([np.cos(half)[:, None], np.sin(half)[:, None] * axis], 1)
+    trace = -np.round((61 - err_deg) * 2) / 2  # near 0 = uncertain = large error; exact in float32 and %.6f
+    pred = dataclasses.replace(truth, quat=geometry.normalize(geometry.quat_mul(truth.quat, turn)),
+                               prior_quat=truth.quat.copy(), uncertainty={"max": trace / 4, "trace": trace},
+                               fom=np.round(rng.uniform(0, 1, n) * 64) / 64)
+    (d / "p").mkdir()
+    write_star(pred, d / "p" / "predicted.star")
+    write_cs(pred, d / "p" / "predicted.cs", project_dir=d / "sim")
+    # the cryoSPARC job's form: pose fields only, uncertainty and figure of merit in the sidecar
+    ds = Dataset.load(str(d / "p" / "predicted.cs"))
+    side = Dataset.allocate(n, [("cryoforum/max_dispersion", "f4"), ("cryoforum/trace_dispersion", "f4"),
+                                ("cryoforum/fom", "f4")])
+    side["uid"] = ds["uid"]
+    for f in ("cryoforum/max_dispersion", "cryoforum/trace_dispersion", "cryoforum/fom"):
+        side[f] = ds[f]
+    ds.drop_fields(["cryoforum/max_dispersion", "cryoforum/trace_dispersion", "cryoforum/fom"])
+    ds.save(str(d / "p" / "job.cs"))
+    side.take(rng.permutation(n)).save(str(d / "p" / "job_uncertainty.cs"))  # keyed by uid, not by row
+
+    sets = {name: read_particles(d / "p" / name, project_dir=d / "sim")
+            for name in ("predicted.star", "predicted.cs", "job.cs")}
+    assert sets["job.cs"].uncertainty is None and sets["job.cs"].prior_quat is not None
+    for name, ps in sets.items():
+        assert np.allclose(particle_weights(ps, "rlnParticleFigureOfMerit"), pred.fom, atol=1e-6), name
+        assert np.array_equal(read_uncertainty(ps)["trace"], trace), name
+    assert np.array_equal(particle_weights(sets["predicted.cs"], "cryoforum/fom"), pred.fom)
+    with pytest.raises(CryoforumError):
+        particle_weights(sets["predicted.cs"], "rlnNoSuchColumn")
+
+    # a fake model directory: its validation split and symmetry are all that --target-error reads
+    (d / "m").mkdir()
+    (d / "m" / "split.json").write_text(json.dumps({"val": {"uids": [int(u) for u in truth.uid[::2]]}}))
+    (d / "m" / "config.json").write_text(json.dumps({"config": {"sym": "C1"}}))
+    kept = {}
+    for name in sets:
+        out = d / f"f_{name.replace('.', '_')}"
+        assert cli(["filter", str(d / "p" / name), "--out", str(out), "--target-error", "20", "--model",
+                    str(d / "m"), "--project-dir", str(d / "sim")]) == 0
+        summary = json.loads((out / "filter.json").read_text())
+        assert summary["mode"] == "target_error" and summary["validation_particles"] == n // 2
+        confident = read_particles(summary["outputs"][0], project_dir=d / "sim")
+        kept[name] = set(confident.uid.tolist())
+        assert 0 < len(kept[name]) < n
+        assert np.array_equal(confident.fom, pred.fom[np.isin(pred.uid, confident.uid)]) or name == "job.cs"
+    assert kept["predicted.star"] == kept["predicted.cs"] == kept["job.cs"]
+    assert np.median(err_deg[np.isin(pred.uid, list(kept["predicted.cs"]))]) <= 20
+
+    # reconstruct --weights on the .cs runs end to end and gives the STAR's map
+    import mrcfile
+
+    for name in ("predicted.star", "predicted.cs"):
+        assert cli(["reconstruct", str(d / "p" / name), "--out", str(d / f"{name}.mrc"), "--weights",
+                    "rlnParticleFigureOfMerit", "--project-dir", str(d / "sim")]) == 0
+    a, b = mrcfile.read(d / "predicted.star.mrc"), mrcfile.read(d / "predicted.cs.mrc")
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999

@@ -34,7 +34,7 @@ def server(tmp_path, monkeypatch):
 
 
 def run(url, *args):
-    return cli(["cryosparc", "run", "--url", url, "--project", "P1", "--workspace", "W1", *args])
+    return cli(["cryosparc", "--url", url, "--project", "P1", "--workspace", "W1", *args])
 
 
 def test_train_predict_pushes_back_poses_subsets_and_uncertainty(server):
@@ -67,7 +67,8 @@ def test_inputs_without_poses_fail_clearly(server, capsys):
     state, url, _ = server
     assert run(url, "--train", "J7:particles", *FAST) == 2
     err = capsys.readouterr().err
-    assert "alignments3D" in err and "Fix:" in err and "Traceback" not in err
+    assert "the training particles have no alignments3D" in err and "Fix:" in err and "Traceback" not in err
+    assert not any("running" in c for c in state.calls)  # refused before mark_running, by the build error
     job = max(state.jobs.values(), key=lambda j: j["uid_num"])
     assert job["status"] == "failed" and not any(k[0] == job["uid"] for k in state.datasets)
 
@@ -88,6 +89,42 @@ def test_dropped_connection_is_retried_and_a_dead_server_fails_cleanly(server, c
     state.fail_next["jobs.load_input"] = 0  # the connection drops once: the client retries
     with pytest.warns(UserWarning, match="attempt 1/3"):
         assert run(url, "--train", "J5:particles", *FAST) == 0
-    assert cli(["cryosparc", "run", "--url", "http://127.0.0.1:9", "--project", "P1", "--workspace", "W1",
+    assert cli(["cryosparc", "--url", "http://127.0.0.1:9", "--project", "P1", "--workspace", "W1",
                 "--train", "J5:particles"]) == 2
     assert "cannot connect to CryoSPARC" in capsys.readouterr().err
+
+
+def test_non_default_engine_option_and_calibrated_threshold_reach_the_engine(server):
+    """Every engine option is accepted (one declaration in plugin.yaml): a quaternion head, and the calibrated
+    --target-error selection instead of the default 25 % drop."""
+    import json
+
+    state, url, ds = server
+    assert run(url, "--train", "J5:particles", *FAST, "--head", "quat") == 0
+    uid = max(state.jobs, key=lambda u: int(u[1:]))
+    config = json.loads((state.project_dir / uid / "model" / "config.json").read_text())["config"]
+    assert config["head"] == "quat" and config["epochs"] == 1
+    # a target error no particle can miss keeps all of them; the default would have rejected 20
+    assert run(url, "--predict", "J5:particles", "--model", str(state.project_dir / uid / "model"),
+               "--device", "cpu", "--target-error", "180") == 0
+    second = max(state.jobs, key=lambda u: int(u[1:]))
+    assert second != uid and len(Dataset.load(str(state.datasets[(second, "rejected")]))) == 0
+    assert len(Dataset.load(str(state.datasets[(second, "confident")]))) == len(ds)
+
+
+def test_a_refusal_reports_the_servers_whole_reason(server, capsys):
+    state, url, _ = server
+    state.fail_next["jobs.mark_running"] = 422
+    assert run(url, "--train", "J5:particles", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 422: injected server error" in err and "Traceback" not in err
+    job = max(state.jobs.values(), key=lambda j: j["uid_num"])
+    assert job["status"] == "failed" and not any(k[0] == job["uid"] for k in state.datasets)
+
+
+def test_failed_upload_leaves_the_job_without_outputs(server):
+    state, url, _ = server
+    state.fail_next["projects.upload_file"] = 500
+    assert run(url, "--train", "J5:particles", *FAST) == 2
+    job = max(state.jobs.values(), key=lambda j: j["uid_num"])
+    assert job["status"] == "failed" and not any(k[0] == job["uid"] for k in state.datasets)

@@ -14,7 +14,8 @@ from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.model import OrientationNet, gram_schmidt_6d, matrix_to_quat_torch, qcqp_matrix, qcqp_solve
 from cryoforum_plugin.fourier import fft2c, ifft2c, radius_2d
-from cryoforum_plugin.preprocess import LOWPASS_FRACTIONS, Preprocess, psi_rotation_quats, rotate_images
+from cryoforum_plugin.geometry import psi_rotation_quats
+from cryoforum_plugin.preprocess import LOWPASS_FRACTIONS, Preprocess, rotate_images
 from cryoforum_plugin.projection import Projector
 from cryoforum_plugin.simulation import resized_map
 from cryoforum_plugin.training import curriculum, sample_pairs
@@ -166,14 +167,17 @@ def test_resume_after_interruption(tiny_run, tmp_path):
 
     ps = read_star(tiny_run / "sim" / "particles.star")
     cfg = TrainConfig(box=32, width=0.125, epochs=3, batch=16)
-    calls = {"n": 0}
+    from cryoforum_plugin.progress import Events
 
-    def stop_in_epoch_2():
-        calls["n"] += 1
-        if calls["n"] == 5:  # 4 steps per epoch: dies during the second epoch
-            raise KeyboardInterrupt
+    class StopInEpoch2(Events):
+        calls = 0
 
-    t = Trainer(ps, tmp_path / "m", cfg, torch.device("cpu"), progress=False, abort_check=stop_in_epoch_2)
+        def check_abort(self):  # polled once per training step
+            self.calls += 1
+            if self.calls == 5:  # 4 steps per epoch: dies during the second epoch
+                raise KeyboardInterrupt
+
+    t = Trainer(ps, tmp_path / "m", cfg, torch.device("cpu"), progress=False, events=StopInEpoch2())
     with pytest.raises(KeyboardInterrupt):
         t.train()
     assert torch.load(tmp_path / "m" / "last.pt", weights_only=False)["epoch"] == 1  # last complete epoch

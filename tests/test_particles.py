@@ -223,3 +223,102 @@ def test_writes_are_atomic_and_never_touch_input(tmp_path, monkeypatch):
         write_star(ps, target)
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.star")] == []
+
+
+def _with_typed_fields(ps, seed=0):
+    """``ps`` with every typed per-particle field set (values exact in float32 and in STAR's %.6f)."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    n = len(ps)
+    prior = geometry.random_quats(n, rng)
+    prior[::7] = np.nan  # rows without a prior pose
+    return dataclasses.replace(
+        ps, uncertainty={"max": -rng.integers(1, 400, n) / 4.0, "trace": -rng.integers(1, 4000, n) / 4.0},
+        fom=rng.integers(0, 64, n) / 64.0, junk=rng.integers(0, 4, n).astype(np.int64), prior_quat=prior)
+
+
+def _assert_typed_equal(a, b, prior_tol=1e-5):
+    for k in ("max", "trace"):
+        assert np.array_equal(a.uncertainty[k], b.uncertainty[k]), k
+    assert np.array_equal(a.fom, b.fom) and np.array_equal(a.junk, b.junk)
+    known = np.isfinite(a.prior_quat).all(axis=1)
+    assert np.array_equal(known, np.isfinite(b.prior_quat).all(axis=1))
+    assert geometry.geodesic(a.prior_quat[known], b.prior_quat[known]).max() < prior_tol
+
+
+def test_typed_fields_survive_star_cs_star_and_subset(tmp_path):
+    """Uncertainty, figure of merit, junk label and prior pose are read by both readers, written by both writers
+    (STAR columns / cryoforum/* .cs fields), survive STAR -> .cs -> STAR, and are sliced by subset()."""
+    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
+
+    path, proj, ds, _ = make_cs(tmp_path)
+    ps = _with_typed_fields(read_cs(path))
+    assert ps.file_format == "cs" and ps.star_version is None and "alignments3D/error" in ps.numeric
+    write_star(ps, tmp_path / "a.star")
+    table = starfile.read(tmp_path / "a.star")["particles"]
+    for column in (*PRIOR_ANGLE_COLUMNS, "rlnCryoforumMaxDispersion", "rlnCryoforumTraceDispersion", FOM_COLUMN,
+                   JUNK_COLUMN):
+        assert column in table, column
+    star = read_star(tmp_path / "a.star")
+    assert star.file_format == "star" and star.star_version == "3.1"
+    _assert_typed_equal(ps, star)
+    write_cs(star, tmp_path / "b.cs")
+    assert {"cryoforum/max_dispersion", "cryoforum/trace_dispersion", "cryoforum/fom", "cryoforum/junk",
+            "cryoforum/prior_pose"} <= set(Dataset.load(str(tmp_path / "b.cs")).fields())
+    cs = read_cs(tmp_path / "b.cs")
+    _assert_typed_equal(ps, cs)
+    write_star(cs, tmp_path / "c.star")
+    again = read_star(tmp_path / "c.star")
+    _assert_typed_equal(ps, again)
+    # .cs -> .cs keeps the typed fields and the other numeric fields
+    write_cs(cs, tmp_path / "d.cs")
+    d = read_cs(tmp_path / "d.cs")
+    _assert_typed_equal(ps, d)
+    assert np.array_equal(d.numeric["alignments3D/error"], ds["alignments3D/error"])
+    # other numeric STAR columns are in ``numeric`` and found by column(), typed ones by either name
+    star.source["particles"]["rlnClassNumber"] = np.arange(len(star)) % 3 + 1
+    write_star(star, tmp_path / "e.star")
+    e = read_star(tmp_path / "e.star")
+    assert np.array_equal(e.column("rlnClassNumber"), np.arange(len(e)) % 3 + 1)
+    assert e.column(FOM_COLUMN) is e.fom and np.array_equal(cs.column(FOM_COLUMN), cs.column("cryoforum/fom"))
+    assert e.column("rlnNoSuchColumn") is None
+    # subset slices every typed field and numeric column
+    rows = np.array([5, 0, 3])
+    sub = again.subset(rows)
+    assert np.array_equal(sub.fom, again.fom[rows]) and np.array_equal(sub.junk, again.junk[rows])
+    assert np.array_equal(sub.uncertainty["trace"], again.uncertainty["trace"][rows])
+    assert np.array_equal(sub.prior_quat, again.prior_quat[rows], equal_nan=True)
+    mask = np.arange(len(d)) % 2 == 0
+    assert np.array_equal(d.subset(mask).numeric["alignments3D/error"], ds["alignments3D/error"][mask])
+    # a typed field set to None drops its column / field
+    import dataclasses
+
+    write_star(dataclasses.replace(again, junk=None), tmp_path / "f.star")
+    assert JUNK_COLUMN not in starfile.read(tmp_path / "f.star")["particles"]
+    write_cs(dataclasses.replace(cs, junk=None), tmp_path / "f.cs")
+    assert "cryoforum/junk" not in Dataset.load(str(tmp_path / "f.cs")).fields()
+
+
+def test_extra_columns_set_typed_fields(tmp_path):
+    """``extra`` (STAR column -> values, as prediction and simulation use it) still works: the typed columns in it
+    set the typed fields, which are what the writers write."""
+    import dataclasses
+
+    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
+
+    path, proj, ds, _ = make_cs(tmp_path)
+    ps = read_cs(path)
+    n = len(ps)
+    angles = geometry.quat_to_relion_euler(ps.quat)
+    extra = {FOM_COLUMN: np.linspace(0, 1, n), JUNK_COLUMN: np.arange(n) % 2, "rlnMyExtra": np.arange(n) * 2.0,
+             **{c: angles[:, i] for i, c in enumerate(PRIOR_ANGLE_COLUMNS)}}
+    out = dataclasses.replace(ps, extra=extra)
+    assert np.array_equal(out.fom, extra[FOM_COLUMN]) and np.array_equal(out.junk, extra[JUNK_COLUMN])
+    assert geometry.geodesic(out.prior_quat, ps.quat).max() < 1e-6
+    out.fom = out.fom[::-1].copy()  # the typed field wins over extra's copy
+    write_star(out, tmp_path / "x.star")
+    table = starfile.read(tmp_path / "x.star")["particles"]
+    assert np.allclose(table[FOM_COLUMN], extra[FOM_COLUMN][::-1], atol=1e-6)
+    assert np.array_equal(table["rlnMyExtra"], extra["rlnMyExtra"])
+    assert np.array_equal(out.subset([1, 2]).fom, out.fom[[1, 2]])

@@ -1,7 +1,7 @@
-"""``cryoforum cryosparc run --project P --workspace W --train J12:particles [--predict J20:particles]``."""
+"""``cryoforum cryosparc --project P --workspace W --train J12:particles [--predict J20:particles] [options]``."""
 
 from .. import manifest
-from ..cryosparc_job import run
+from ..adapters.cryosparc import run
 
 
 def add_args(parser):

@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__, manifest
+from .. import __version__, jobs, manifest
 from ..atomic import write_text
 from ..data import DEFAULT_MAP
-from ._common import resolve_device, set_threads
+from ..devices import resolve_device, set_threads
 
 # Data size, SNR and training length per preset: chosen so that the method visibly works in the time budget.
 PRESETS = {
@@ -32,11 +32,9 @@ def add_args(parser):
 
 
 def main(args):
-    from . import filter as filter_cmd
-    from . import predict as predict_cmd
-    from . import report as report_cmd
-    from . import simulate as simulate_cmd
-    from . import train as train_cmd
+    from ..particles import read_particles
+    from ..simulation import simulate
+    from ..train_config import TrainConfig
 
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -61,24 +59,30 @@ def main(args):
         return result
 
     sim = out / "simulated"
-    step("simulate", lambda: simulate_cmd.main(manifest.namespace("simulate", map=str(DEFAULT_MAP), out=str(sim), n=p["n"], box=p["box"],
-                                                   snr=p["snr"], max_shift=p["max_shift"], junk_fraction=p["junk"],
-                                                   seed=1, device=str(device))))
+    step("simulate", lambda: simulate(DEFAULT_MAP, sim, n=p["n"], box=p["box"], snr=p["snr"], max_shift=p["max_shift"],
+                                      junk_fraction=p["junk"], seed=1, device=device))
+    particles = sim / "particles.star"
+    ps = read_particles(particles)
     model = out / "model"
-    step("train", lambda: train_cmd.run(manifest.namespace("train", particles=str(sim / "particles.star"), out=str(model),
-                                            device=str(device), **p["train"], **FAST_OPTIONS)))
-    step("predict", lambda: predict_cmd.run(manifest.namespace("predict", model=str(model), particles=str(sim / "particles.star"),
-                                                out=str(out / "predicted"), device=str(device))))
-    step("filter", lambda: filter_cmd.main(manifest.namespace("filter", predicted=str(out / "predicted" / "predicted.star"),
-                                               out=str(out / "filtered"))))
+    step("train", lambda: jobs.train(ps, model, TrainConfig(**p["train"], **FAST_OPTIONS), device=device))
+    predicted, _ = step("predict", lambda: jobs.predict(ps, model, device=device))
+    predicted_star = out / "predicted" / "predicted.star"
+    jobs.write_predictions(predicted, out / "predicted", particles, "star")
+
+    def select():
+        selection = jobs.select(predicted)
+        jobs.write_selection(predicted, selection, out / "filtered", predicted_star, "star")
+        print(f"kept {selection.kept} / {len(predicted)} particles (quantile, trace)")
+
+    step("filter", select)
     from ..images import write_mrc
     from ..simulation import resized_map
 
     vol, apix = resized_map(DEFAULT_MAP, p["box"])
     write_mrc(out / "true_map.mrc", vol.numpy(), apix)
-    summary = step("report", lambda: report_cmd.run(manifest.namespace(
-        "report", predicted=str(out / "predicted" / "predicted.star"), truth=str(sim / "truth.star"),
-        out=str(out / "report"), map=str(out / "true_map.mrc"), model=str(model), split="test", device=str(device))))
+    summary = step("report", lambda: jobs.report(read_particles(predicted_star), read_particles(sim / "truth.star"),
+                                                  out / "report", true_map=out / "true_map.mrc", model_dir=model,
+                                                  split="test", device=device))
     log["summary"] = summary["headline"]
     log["reconstructions"] = summary.get("reconstructions")
     write_text(out / "run.log", json.dumps(log, indent=2, default=float))

@@ -1,14 +1,14 @@
 """``cryoforum evaluate --predicted FILE --truth FILE [--sym G]``."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from .. import manifest
 from ..atomic import write_text
 from ..errors import CryoforumError
-from ..evaluation import errors, match_rows, summarize
+from ..evaluation import geodesic_errors, match_rows, summarize
+from ..model_dir import ModelDir
 from ..particles import read_particles
 
 
@@ -24,11 +24,10 @@ def run(args) -> dict:
         if not args.model:
             raise CryoforumError("--split needs --model (the split is stored in the model directory).",
                                  fix="add --model MODEL_DIR.")
-        split = json.loads((Path(args.model) / "split.json").read_text())
-        keep = np.isin(pred.uid[pi], np.array(split[args.split]["uids"], dtype=np.uint64))
+        keep = np.isin(pred.uid[pi], ModelDir(args.model).split_uids(args.split))
         pi, ti = pi[keep], ti[keep]
     ok = pred.has_poses[pi] & truth.has_poses[ti]
-    result = summarize(errors(pred.quat[pi[ok]], truth.quat[ti[ok]], args.sym), args.sym)
+    result = summarize(geodesic_errors(pred.quat[pi[ok]], truth.quat[ti[ok]], args.sym), args.sym)
     result.update(predicted=str(args.predicted), truth=str(args.truth), split=args.split)
     if args.out:
         write_text(args.out, json.dumps(result, indent=2))

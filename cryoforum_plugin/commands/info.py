@@ -14,15 +14,15 @@ def add_args(parser):
 
 def summarize(ps) -> dict:
     """A JSON-able summary of a ParticleSet: counts, box, pixel size, optics, poses, shifts, CTF."""
-    info = {"file": str(ps.path), "format": ps.source.get("format"), "particles": len(ps),
+    info = {"file": str(ps.path), "format": ps.file_format, "particles": len(ps),
             "box_px": int(ps.box[0]) if len(ps) else None,
             "pixel_size_A": sorted(set(np.round(ps.pixel_size, 4).tolist())),
             "stacks": int(len(np.unique(ps.image_path))),
             "optics_groups": {int(g): int(c) for g, c in zip(*np.unique(ps.optics_group, return_counts=True))},
             "half_sets": {int(g): int(c) for g, c in zip(*np.unique(ps.half_set, return_counts=True))},
             "with_pose": int(ps.has_poses.sum()), "ctf": ps.ctf is not None}
-    if ps.source.get("format") == "star":
-        info["star_version"] = ps.source["version"]
+    if ps.file_format == "star":
+        info["star_version"] = ps.star_version
     if ps.has_poses.any():
         d = geometry.viewing_direction(ps.quat[ps.has_poses])
         tilt = np.degrees(np.arccos(np.clip(d[:, 2], -1, 1)))

@@ -9,22 +9,33 @@ from .. import manifest
 from ..errors import CryoforumError
 from ..fsc import fsc_curve, resolution
 from ..images import write_mrc
-from ..particles import read_particles
+from ..cs_io import attach_uncertainty_sidecar, uncertainty_sidecar_path
+from ..particles import FOM_COLUMN, FOM_CS, UNCERTAINTY_CS, UNCERTAINTY_STAR, read_particles
 from ..reconstruction import reconstruct
-from ._common import resolve_device
+from ..devices import resolve_device
 
 
 def add_args(parser):
     manifest.add_arguments(parser, "reconstruct")
 
 
+UNCERTAINTY_NAMES = {FOM_COLUMN, FOM_CS, *UNCERTAINTY_STAR.values(), *UNCERTAINTY_CS.values()}
+
+
 def particle_weights(ps, column: str) -> np.ndarray:
-    """Per-particle weights from a STAR column of the set's original table."""
-    table = ps.source.get("particles")
-    if table is None or column not in table:
+    """Per-particle weights from a numeric per-particle column, named as in STAR or .cs (``ParticleSet.column``:
+    rlnParticleFigureOfMerit and cryoforum/fom name the same figure of merit in either format). For a .cs
+    prediction without the uncertainty fields, its uid-keyed sidecar is read for them."""
+    w = ps.column(column)
+    if w is None and ps.file_format == "cs" and column in UNCERTAINTY_NAMES:
+        sidecar = uncertainty_sidecar_path(ps)
+        if sidecar is not None and sidecar.exists():
+            w = attach_uncertainty_sidecar(ps, sidecar).column(column)
+    if w is None:
         raise CryoforumError(f"no column '{column}' for --weights.", path=ps.path,
-                             fix="name a numeric per-particle column of the STAR file, e.g. rlnParticleFigureOfMerit.")
-    w = table[column].to_numpy(dtype=np.float64)
+                             fix="name a numeric per-particle column of the particle file, "
+                                 "e.g. rlnParticleFigureOfMerit.")
+    w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all() or (w < 0).any():
         r = int(np.argmax(~np.isfinite(w) | (w < 0)))
         raise CryoforumError(f"weight column '{column}' has a negative or NaN value.", path=ps.path, row=r,

@@ -2,7 +2,7 @@
 
 from .. import manifest
 from ..simulation import simulate
-from ._common import resolve_device
+from ..devices import resolve_device
 
 
 def add_args(parser):

@@ -5,7 +5,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoforum_plugin.dataset import ImageSource
+from cryoforum_plugin.image_source import ImageSource
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.images import StackReader, stack_shape
 from cryoforum_plugin.particles import read_star

@@ -1,12 +1,17 @@
-"""Small helpers shared by the command modules."""
+"""Compute devices and CPU threads: the one place that turns a user's ``--device`` into a torch device."""
+
+from __future__ import annotations
 
 import torch
 
-from ..errors import CryoforumError
+from .errors import CryoforumError
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` -> CUDA when present else CPU; otherwise the named device, checked."""
+def resolve_device(name=None) -> torch.device:
+    """``None``/``auto`` -> CUDA when present else CPU; a torch.device is returned as is; otherwise the named
+    device, checked (one clear error for an unknown name or a CUDA request without a GPU)."""
+    if isinstance(name, torch.device):
+        return name
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -1,0 +1,82 @@
+"""The training configuration (names and defaults of plugin.yaml's ``train`` job) and the modules it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import manifest
+from .model import OrientationNet
+from .preprocess import Preprocess
+
+_D = manifest.defaults("train")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option that shapes a trained model; each default is plugin.yaml's (one declaration)."""
+
+    box: int = _D["box"]
+    blur: str = _D["blur"]
+    pooling: str = _D["pooling"]
+    head: str = _D["head"]
+    qcqp_param: str = _D["qcqp_param"]
+    width: float = _D["width"]
+    drop_last: bool = _D["drop_last"]
+    dropout: float = _D["dropout"]
+    l2: float = _D["l2"]
+    loss: str = _D["loss"]
+    pairs: str = _D["pairs"]
+    pairs_per_batch: int = _D["pairs_per_batch"]
+    sym: str = _D["sym"]
+    restrict_to_asu: bool = _D["restrict_to_asu"]
+    epochs: int = _D["epochs"]
+    batch: int = _D["batch"]
+    lr: float = _D["lr"]
+    val_fraction: float = _D["val_fraction"]
+    test_fraction: float = _D["test_fraction"]
+    split: str = _D["split"]
+    seed: int = _D["seed"]
+    augment_psi: bool = _D["augment_psi"]
+    augment_shift: float = _D["augment_shift"]
+    max_particles: int = _D["max_particles"]
+    from_map: str | None = _D["from_map"]
+    pretrain_steps: int = _D["pretrain_steps"]
+    pretrain_log_every: int = _D["pretrain_log_every"]
+    synthetic_snr: float | None = _D["synthetic_snr"]
+    synthetic_snr_start: float | None = _D["synthetic_snr_start"]
+    synthetic_snr_anneal: float = _D["synthetic_snr_anneal"]
+    beta1_floor: float = _D["beta1_floor"]
+    distance_loss: str = _D["distance_loss"]
+    l2_head: bool = _D["l2_head"]
+    phase_flip: bool = _D["phase_flip"]
+
+    def __post_init__(self):
+        if self.from_map is not None:
+            self.from_map = str(self.from_map)
+
+    @classmethod
+    def from_args(cls, args) -> "TrainConfig":
+        """From an argparse namespace or any object with the option names as attributes (others ignored)."""
+        values = vars(args) if not isinstance(args, dict) else args
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                      if f.name in values and values[f.name] is not None})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """From a stored configuration (config.json, a checkpoint); ``training`` (the loss mode's name before
+        version 0.2) is read as ``loss``."""
+        values = dict(values)
+        if "training" in values:
+            values.setdefault("loss", values.pop("training"))
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build(config: TrainConfig, mean: float = 0.0, std: float = 1.0) -> tuple[Preprocess, OrientationNet]:
+    """The preprocessing module and the network for a configuration."""
+    pre = Preprocess(config.box, config.blur, mean, std, phase_flip=config.phase_flip)
+    net = OrientationNet(pre.channels, config.head, config.pooling, config.width, config.drop_last, config.dropout,
+                         config.qcqp_param)
+    return pre, net

@@ -1,0 +1,67 @@
+"""`cryoforum refine` end to end on files (the engine's accuracy is in test_refinement.py): perturbed starts come
+back near the truth, the start is kept as prior columns, score and confidence are written for STAR and .cs, the
+clean-up can select by the refinement's confidence, and a reference that cannot be matched is one clear error."""
+
+import json
+
+import numpy as np
+import starfile
+
+from cryoforum_plugin import geometry
+from cryoforum_plugin.cli import main as cli
+from cryoforum_plugin.data import DEFAULT_MAP
+from cryoforum_plugin.evaluation import geodesic_errors
+from cryoforum_plugin.images import write_mrc
+from cryoforum_plugin.particles import read_particles, write_particles
+from cryoforum_plugin.simulation import resized_map
+
+
+def _perturbed(ps, deg, rng):
+    axis = rng.normal(size=(len(ps), 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    half = np.radians(deg) / 2
+    dq = np.concatenate([np.full((len(ps), 1), np.cos(half)), axis * np.sin(half)], 1)
+    return geometry.normalize(geometry.quat_mul(dq, ps.quat))
+
+
+def test_refine_command_recovers_perturbed_poses(tmp_path, capsys):
+    d = tmp_path
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "60", "--box", "48", "--snr", "1",
+                "--max-shift", "3", "--seed", "5"]) == 0
+    truth = read_particles(d / "sim" / "truth.star")
+    vol, apix = resized_map(DEFAULT_MAP, 48)
+    write_mrc(d / "map.mrc", vol.numpy(), apix)
+    start = read_particles(d / "sim" / "particles.star")
+    start.quat = _perturbed(start, 8.0, np.random.default_rng(0))
+    start.shift_A = np.zeros_like(start.shift_A)  # shifts unknown to it
+    write_particles(start, d / "start.star")
+    before = geodesic_errors(start.quat, truth.quat)
+    assert cli(["refine", "--particles", str(d / "start.star"), "--reference", str(d / "map.mrc"), "--out",
+                str(d / "r"), "--format", "both", "--global-search", "none", "--threads", "2"]) == 0
+    refined = read_particles(d / "r" / "refined.star")
+    after = geodesic_errors(refined.quat, truth.quat)
+    assert np.degrees(np.median(before)) > 7 and np.degrees(np.median(after)) < 3, np.degrees(np.median(after))
+    shift_err = np.linalg.norm(refined.shift_A - truth.shift_A, axis=1) / apix
+    assert np.median(shift_err) < 0.5
+    # the start is kept as prior columns; score and confidence are per-particle columns in both formats
+    table = starfile.read(d / "r" / "refined.star")["particles"]
+    for column in ("rlnCryoforumPriorAngleRot", "rlnCryoforumRefineScore", "rlnCryoforumRefineConfidence"):
+        assert column in table
+    assert np.allclose(geodesic_errors(refined.prior_quat, start.quat), 0, atol=1e-3)
+    cs = read_particles(d / "r" / "refined.cs", project_dir=d)
+    assert np.allclose(geodesic_errors(cs.quat, refined.quat), 0, atol=1e-3)
+    conf = cs.column("cryoforum/refine_confidence")
+    assert conf is not None and ((conf >= 0) & (conf <= 1)).all()
+    info = json.loads((d / "r" / "refine.json").read_text())
+    assert info["particles"] == 60 and info["global_searched"] == 0
+
+
+def test_a_reference_that_cannot_be_matched_is_one_clear_error(tmp_path, capsys):
+    d = tmp_path
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "4", "--box", "32", "--seed", "1"]) == 0
+    write_mrc(d / "flat.mrc", np.zeros((16, 16, 16), np.float32), 0.5)  # finer than the particles, smaller
+    code = cli(["refine", "--particles", str(d / "sim" / "particles.star"), "--reference", str(d / "flat.mrc"),
+                "--out", str(d / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "reference" in err.lower(), err
+    assert not (d / "r" / "refined.star").exists()
