@@ -1,0 +1,38 @@
+"""The model directory has one reader/writer and TrainConfig's defaults are plugin.yaml's."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from cryoforum_plugin import manifest
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.model_dir import ModelDir
+from cryoforum_plugin.train_config import TrainConfig
+
+
+def test_train_config_defaults_are_plugin_yaml_defaults():
+    declared = manifest.defaults("train")
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in declared, f"{field.name} is not declared in plugin.yaml's train job"
+        assert field.default == declared[field.name], field.name
+
+
+def test_model_dir_round_trip_and_legacy_option_name(tmp_path):
+    cfg = TrainConfig(box=32, width=0.125, loss="single")
+    m = ModelDir(tmp_path / "m")
+    m.write_untrained(cfg)
+    pre, net, state = m.load()
+    assert not net.training and state["config"]["loss"] == "single" and m.trace_scale(state) == 1.0
+    m.write_split({"train": np.array([0, 2]), "val": np.array([1])}, np.array([10, 11, 12], dtype=np.uint64))
+    assert m.split_uids("val").tolist() == [11] and m.split_uids("train").tolist() == [10, 12]
+    legacy = dict(cfg.to_dict())
+    legacy["training"] = legacy.pop("loss")  # configurations written before the option was renamed
+    m.write_meta({"config": legacy})
+    assert m.config() == cfg
+    with pytest.raises(CryoforumError, match="no part 'nope'"):
+        m.split_uids("nope")
+    with pytest.raises(CryoforumError, match="best.pt"):
+        ModelDir(tmp_path / "empty").load()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["training"] == "single"
