@@ -16,12 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# RELION 3.1 binaries for the agreement tests (Debian package; needs root or sudo).
+# RELION 3.1 binaries for the agreement tests and Chromium to render the report (Debian packages; root or sudo).
 relion:
-	@command -v relion_reconstruct >/dev/null || { \
+	@{ command -v relion_reconstruct >/dev/null && command -v chromium >/dev/null; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq relion >/dev/null; } \
-	  || echo "WARNING: could not install RELION (apt-get install relion): RELION tests will be skipped"
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq relion chromium >/dev/null; } \
+	  || echo "WARNING: could not install RELION / Chromium (apt-get install relion chromium): their tests will be skipped"
 
 test: setup relion
 	$(PY) -m pytest -q

@@ -271,7 +271,8 @@ def write_refined(ps: ParticleSet, result, out_dir, input_path, fmt: str = "auto
 # ---------------------------------------------------------------------------------------------- report
 
 
-def report(predicted: ParticleSet, truth: ParticleSet, out, *, true_map=None, model_dir=None, split: str = "all",
+def report(predicted: ParticleSet, truth: ParticleSet, out, *, refined: ParticleSet | None = None, true_map=None,
+           model_dir=None, split: str = "all",
            sym: str = "C1", statistic: str = "trace", drop: float = 0.25, error_threshold: float = 15.0,
            reconstruct_maps: bool = True, device="auto", events: Events | None = None) -> dict:
     """The report of a prediction against known poses (reporting.report); ``split`` (train / val / test) of
@@ -279,8 +280,8 @@ def report(predicted: ParticleSet, truth: ParticleSet, out, *, true_map=None, mo
     from .reporting import report as make_report
 
     uids = ModelDir(model_dir).split_uids(split) if split != "all" and model_dir else None
-    return make_report(predicted, truth, out, true_map=true_map, split=split, split_uids=uids, sym=sym,
-                       statistic=statistic, drop=drop, error_threshold=error_threshold,
+    return make_report(predicted, truth, out, refined=refined, true_map=true_map, split=split, split_uids=uids,
+                       sym=sym, statistic=statistic, drop=drop, error_threshold=error_threshold,
                        reconstruct_maps=reconstruct_maps, device=device, events=events)
 
 

@@ -11,7 +11,9 @@ def add_args(parser):
 
 def main(args):
     s = jobs.report(read_particles(args.predicted, project_dir=args.project_dir),
-                    read_particles(args.truth, project_dir=args.project_dir), args.out, true_map=args.map,
+                    read_particles(args.truth, project_dir=args.project_dir), args.out,
+                    refined=read_particles(args.refined, project_dir=args.project_dir) if args.refined else None,
+                    true_map=args.map,
                     model_dir=args.model, split=args.split, sym=args.sym, statistic=args.statistic, drop=args.drop,
                     error_threshold=args.error_threshold, reconstruct_maps=args.reconstruct, device=args.device)
     for k, v in s["headline"].items():
