@@ -8,6 +8,8 @@ from cryosparc.dataset import Dataset
 from cryoforum_plugin import geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
+from cryoforum_plugin.images import write_mrc
+from cryoforum_plugin.simulation import resized_map
 
 import loopback_cryosparc
 
@@ -24,9 +26,18 @@ def server(tmp_path, monkeypatch):
     ds.save(str(proj / "J5" / "J5_particles.cs"))
     no_pose = ds.copy().drop_fields([f for f in ds.fields() if f.startswith("alignments3D")])
     no_pose.save(str(proj / "J5" / "J5_extracted.cs"))
+    vol, apix = resized_map(DEFAULT_MAP, 32)  # a refinement's volume output: map/path relative to the project
+    (proj / "J9").mkdir()
+    write_mrc(proj / "J9" / "J9_volume_map.mrc", vol.numpy(), apix)
+    volume = Dataset.allocate(1, [("map/path", "O"), ("map/psize_A", "f4"), ("map/shape", "u4", (3,))])
+    volume["map/path"] = np.array(["J9/J9_volume_map.mrc"], dtype=object)
+    volume["map/psize_A"] = apix
+    volume["map/shape"] = np.array([[32, 32, 32]])
+    volume.save(str(proj / "J9" / "J9_volume.cs"))
     srv, state, url = loopback_cryosparc.start(proj)
     state.add_source_job("J5", "particles", proj / "J5" / "J5_particles.cs")
     state.add_source_job("J7", "particles", proj / "J5" / "J5_extracted.cs")
+    state.add_source_job("J9", "volume", proj / "J9" / "J9_volume.cs", type_="volume")
     monkeypatch.setenv("CRYOSPARC_EMAIL", "test@example.org")
     monkeypatch.setenv("CRYOSPARC_PASSWORD", "secret")
     yield state, url, ds
@@ -56,7 +67,8 @@ def test_train_predict_pushes_back_poses_subsets_and_uncertainty(server):
     assert (state.project_dir / uid / "model" / "best.pt").exists()
     progress = [e for e in state.events if e.get("job") == uid and e["type"] == "text"]
     assert len(progress) == 1 and progress[0]["text"].startswith("done:")  # one updating line, not thousands
-    assert len([i for i in state.images if i["job"] == uid]) == 2  # training curve and uncertainty plots
+    assert len([i for i in state.images if i["job"] == uid]) == 3  # training curve, uncertainty, refinement plots
+    assert (uid, "refined") in state.datasets  # refined by default against the training particles' reconstruction
     # predict-only with the model of the first job, on particles without poses
     assert run(url, "--predict", "J7:particles", "--model", str(state.project_dir / uid / "model"), "--device", "cpu") == 0
     second = max(state.jobs, key=lambda u: int(u[1:]))
@@ -128,3 +140,23 @@ def test_failed_upload_leaves_the_job_without_outputs(server):
     assert run(url, "--train", "J5:particles", *FAST) == 2
     job = max(state.jobs.values(), key=lambda j: j["uid_num"])
     assert job["status"] == "failed" and not any(k[0] == job["uid"] for k in state.datasets)
+
+
+def test_refinement_against_a_connected_volume_outputs_refined_poses(server):
+    """The reference volume input slot: the predicted poses are refined against it and come back as the
+    'refined' output, a selection of the original particles (same uids) with poses near the refinement's."""
+    state, url, ds = server
+    assert run(url, "--train", "J5:particles", *FAST, "--reference", "J9:volume", "--global-search", "all") == 0
+    uid = max(state.jobs, key=lambda u: int(u[1:]))
+    assert state.jobs[uid]["spec"]["inputs"]["reference"]["connections"][0]["job_uid"] == "J9"
+    refined = Dataset.load(str(state.datasets[(uid, "refined")]))
+    predicted = Dataset.load(str(state.datasets[(uid, "predicted")]))
+    assert set(refined["uid"]) == set(ds["uid"])
+    order = np.argsort(refined["uid"])
+    truth = geometry.cryosparc_pose_to_quat(ds["alignments3D/pose"][np.argsort(ds["uid"])])
+    err_refined = geometry.geodesic(geometry.cryosparc_pose_to_quat(refined["alignments3D/pose"][order]), truth)
+    err_pred = geometry.geodesic(geometry.cryosparc_pose_to_quat(
+        predicted["alignments3D/pose"][np.argsort(predicted["uid"])]), truth)
+    assert np.degrees(np.median(err_refined)) < 5 < np.degrees(np.median(err_pred))
+    conf = Dataset.load(str(state.datasets[(uid, "confident")]))
+    assert np.allclose(conf["alignments3D/pose"], refined["alignments3D/pose"][np.isin(refined["uid"], conf["uid"])])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import starfile
 
@@ -23,7 +24,7 @@ def _exe():
 def _project(tmp_path, relion_set):
     proj = tmp_path / "proj"
     proj.mkdir()
-    for name in ("parts_noisy.star", "parts_noisy.mrcs"):
+    for name in ("parts_noisy.star", "parts_noisy.mrcs", "map.mrc"):
         shutil.copy(relion_set["dir"] / name, proj / name)
     (proj / "default_pipeline.star").write_text(
         "\n# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter 1\n \n")
@@ -38,9 +39,10 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
     run_relion(["relion_pipeliner", "--addJob", "Import", "--addJobOptions",
                 "do_raw == No;do_other == Yes;fn_in_other == parts_noisy.star;node_type == Particles STAR file (.star)"],
                cwd=proj)
-    opts = (f"fn_exe == {_exe()};in_part == Import/job001/parts_noisy.star;param1_label == mode;"
+    opts = (f"fn_exe == {_exe()};in_part == Import/job001/parts_noisy.star;in_3dref == map.mrc;param1_label == mode;"
             "param1_value == train_predict;param2_label == epochs;param2_value == 1;param3_label == box;"
-            f"param3_value == 32;param4_label == drop;param4_value == 0.25;nr_threads == 2;other_args == {FAST}")
+            f"param3_value == 32;param4_label == drop;param4_value == 0.25;nr_threads == 2;"
+            f"other_args == {FAST} --global-search all")
     run_relion(["relion_pipeliner", "--addJob", "External", "--addJobOptions", opts], cwd=proj)
     run_relion(["relion_pipeliner", "--RunJobs", "Import/job001/", "--sec_wait_after", "1"], cwd=proj)
     run_relion(["relion_pipeliner", "--RunJobs", "External/job002/", "--sec_wait_after", "1"], cwd=proj)
@@ -50,9 +52,18 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
     procs = pipeline["pipeline_processes"]
     assert int(procs.loc[procs["rlnPipeLineProcessName"] == "External/job002/", "rlnPipeLineProcessStatus"].iloc[0]) == 2
     nodes = dict(zip(pipeline["pipeline_nodes"]["rlnPipeLineNodeName"], pipeline["pipeline_nodes"]["rlnPipeLineNodeType"]))
-    for name, kind in (("predicted.star", 3), ("confident.star", 3), ("rejected.star", 3), ("confident_map.mrc", 6),
-                       ("model/best.pt", 8)):
+    for name, kind in (("predicted.star", 3), ("refined.star", 3), ("confident.star", 3), ("rejected.star", 3),
+                       ("confident_map.mrc", 6), ("model/best.pt", 8)):
         assert nodes.get(f"External/job002/{name}") == kind, name
+    # the External job's 3D reference refined the network's poses (and found the shifts) on RELION's particles
+    from cryoforum_plugin.evaluation import geodesic_errors
+    from cryoforum_plugin.particles import read_star
+
+    refined, predicted = read_star(job / "refined.star"), read_star(job / "predicted.star")
+    assert np.degrees(np.median(geodesic_errors(refined.quat, relion_set["quat"]))) < 5
+    assert np.degrees(np.median(geodesic_errors(predicted.quat, relion_set["quat"]))) > 20
+    shift_px = np.linalg.norm(refined.shift_A - relion_set["shift_A"], axis=1) / relion_set["pixel_size"]
+    assert np.median(shift_px) < 1.0
     confident = starfile.read(job / "confident.star")
     assert "optics" in confident and len(confident["particles"]) == 300  # 400 - 25 %
     # a following RELION job consumes the confident particles
