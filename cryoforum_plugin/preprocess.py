@@ -17,7 +17,14 @@ from torch import nn
 
 from . import geometry
 from .ctf import ctf_2d
-from .fourier import fft2c, ifft2c, radius_2d, resize_images, shift_phase, soft_circular_mask
+from .fourier import (
+    fft2c,
+    ifft2c,
+    radius_2d,
+    resize_images,
+    shift_phase,
+    soft_circular_mask,
+)
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box

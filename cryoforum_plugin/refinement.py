@@ -545,7 +545,8 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
 
     ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, and those whose
     ``start_error_deg`` exceeds MAX_RADIUS_DEG), "all" or "none" (still: particles without a pose).
-    ``start_error_deg``: per-particle local search radius (degrees; default DEFAULT_RADIUS_DEG).
+    ``start_error_deg``: per-particle local search radius hint (degrees; default DEFAULT_RADIUS_DEG; the search
+    covers RADIUS_MARGIN times it, at most MAX_RADIUS_DEG; NaN counts as unknown).
     ``max_shift_A``: the refined origin stays within this distance of the start origin (default 20 % of the box).
     ``noise_spectrum``: radial noise power (box//2 + 1 shells, noise.py's convention) whose shape whitens the
     scores; its level is calibrated on the data. None: the particles' mean power spectrum (conservative).
@@ -614,10 +615,12 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
         if glob.any():
             grid_q = torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32, device=dev)
         bar = Progress(n, "refine", enabled=progress, events=events)
+        slices = None
         for h in (1, 2):
             if not (half == h).any():
                 continue
-            slices = _Slices(maps[h], chunk=settings.chunk, shell_weight=filt)
+            if h == 1 or maps[2] is not maps[1]:
+                slices = _Slices(maps[h], chunk=settings.chunk, shell_weight=filt)
             jobs = [(np.nonzero((half == h) & glob)[0], True)]
             loc = np.nonzero((half == h) & ~glob)[0]
             jobs.append((loc[np.argsort(radius[loc], kind="stable")], False))

@@ -22,14 +22,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, distributed, geometry, symmetry
+from .errors import CryoforumError
 from .fourier import fft3c, ifft3c, radius_3d
 from .image_source import ImageSource, auto_workers, split_rows
-from .errors import CryoforumError
 from .model_dir import ModelDir
 from .particles import ParticleSet
 from .preprocess import augment, phase_flipped
@@ -106,6 +107,10 @@ class Trainer:
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
                                  fix="train on a refinement's particles (e.g. Refine3D run_data.star, a cryoSPARC "
                                      "refinement's particles with alignments3D).")
+        if config.pretrain_steps and config.from_map and not Path(config.from_map).is_file():
+            raise CryoforumError("the map to pre-train from does not exist.", path=config.from_map,
+                                 fix="pass the consensus map (.mrc) to --from-map, or leave it out to use a "
+                                     "reconstruction of the training particles.")
         self.rank, self.world = distributed.init_from_env()
         device = distributed.local_device(device)
         self.ps, self.out, self.cfg, self.device = ps, ModelDir(out_dir), config, device
@@ -236,8 +241,8 @@ class Trainer:
         if self.cfg.from_map:
             vol = _map_on_particle_grid(self.cfg.from_map, box, apix, None, "cpu").numpy()
             return vol, {"map": self.cfg.from_map}
-        from .reconstruction import reconstruct
         from .fsc import resolution
+        from .reconstruction import reconstruct
 
         t0 = time.time()
         maps = reconstruct(self.ps.subset(self.split["train"]), halves=True, device=self.device, progress=False)

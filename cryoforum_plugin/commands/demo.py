@@ -8,18 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__, jobs, manifest
 from ..atomic import write_text
 from ..data import DEFAULT_MAP
 from ..devices import resolve_device, set_threads
+from ..model_dir import ModelDir
+from ..progress import Events
 
 # Data size, SNR and training length per preset: chosen so that the method visibly works in the time budget.
 PRESETS = {
-    "tiny": dict(n=600, box=32, snr=1.0, max_shift=4.0, junk=0.1,
+    "tiny": dict(n=600, box=32, snr=1.0, max_shift=4.0, junk=0.1, global_search="all", statistic="refine",
                  train=dict(box=32, width=0.125, epochs=3, batch=32, lr=3e-3)),
-    "cpu": dict(n=4000, box=64, snr=1.0, max_shift=4.0, junk=0.1,
+    "cpu": dict(n=4000, box=64, snr=1.0, max_shift=4.0, junk=0.1, global_search="auto", statistic="refine",
                 train=dict(box=64, width=0.25, epochs=30, batch=64, lr=3e-3)),
-    "gpu": dict(n=20000, box=128, snr=0.3, max_shift=8.0, junk=0.1,
+    "gpu": dict(n=20000, box=128, snr=0.1, max_shift=8.0, junk=0.1, global_search="auto", statistic="refine",
                 train=dict(box=128, width=1.0, epochs=50, batch=256, lr=1e-3)),
 }
 # Options beyond the paper's defaults that make training converge in a CPU budget (measured, see RESULTS.md).
@@ -68,11 +72,19 @@ def main(args):
     predicted, _ = step("predict", lambda: jobs.predict(ps, model, device=device))
     predicted_star = out / "predicted" / "predicted.star"
     jobs.write_predictions(predicted, out / "predicted", particles, "star")
+    # the consensus map a user has: the training particles reconstructed at their (consensus) poses, half-maps
+    train_set = ps.subset(np.isin(ps.uid, ModelDir(model).split_uids("train")))
+    opts = jobs.options(device=str(device), global_search=p["global_search"])
+    reference = step("reference", lambda: jobs.training_reference(train_set, out / "reference", opts, Events()))
+    refined, refinement = step("refine", lambda: jobs.refine(predicted, reference, global_search=p["global_search"],
+                                                             device=device))
+    refined_star = out / "refined" / "refined.star"
+    jobs.write_refined(refined, refinement, out / "refined", particles, "star", extra={"reference": reference.source})
 
     def select():
-        selection = jobs.select(predicted)
-        jobs.write_selection(predicted, selection, out / "filtered", predicted_star, "star")
-        print(f"kept {selection.kept} / {len(predicted)} particles (quantile, trace)")
+        selection = jobs.select(refined, statistic=p["statistic"])
+        jobs.write_selection(refined, selection, out / "filtered", refined_star, "star")
+        print(f"kept {selection.kept} / {len(refined)} particles (quantile, {p['statistic']})")
 
     step("filter", select)
     from ..images import write_mrc
@@ -81,8 +93,9 @@ def main(args):
     vol, apix = resized_map(DEFAULT_MAP, p["box"])
     write_mrc(out / "true_map.mrc", vol.numpy(), apix)
     summary = step("report", lambda: jobs.report(read_particles(predicted_star), read_particles(sim / "truth.star"),
-                                                  out / "report", true_map=out / "true_map.mrc", model_dir=model,
-                                                  split="test", device=device))
+                                                  out / "report", refined=read_particles(refined_star),
+                                                  true_map=out / "true_map.mrc", model_dir=model, split="test",
+                                                  statistic=p["statistic"], device=device))
     log["summary"] = summary["headline"]
     log["reconstructions"] = summary.get("reconstructions")
     write_text(out / "run.log", json.dumps(log, indent=2, default=float))
@@ -91,7 +104,10 @@ def main(args):
     print(f"{'particles (test split)':<44}{summary['headline']['particles']}")
     print(f"{'median error, good particles':<44}{summary['errors_good']['median_deg']:.1f}° "
           f"({summary['errors_good']['median_rad']:.3f} rad; chance {chance:.2f} rad)")
-    print(f"{'median error after dropping 25 % (trace)':<44}{summary['errors_kept_good']['median_deg']:.1f}°")
+    print(f"{'median error after refinement':<44}{summary['errors_refined_good']['median_deg']:.1f}° "
+          f"(shifts: {summary['shift_error_refined_px']:.2f} px)")
+    print(f"{'median error after dropping 25 % (' + p['statistic'] + ')':<44}"
+          f"{summary['errors_kept_good']['median_deg']:.1f}°")
     print(f"{'junk dropped at 25 %':<44}{summary['junk']['junk_dropped_fraction']:.0%}")
     for name, r in (summary.get("reconstructions") or {}).items():
         print(f"{'resolution, ' + name:<44}{r.get('fsc_vs_truth_0.5_A', float('nan')):.1f} Å (FSC 0.5 vs true map), "
