@@ -78,7 +78,7 @@ def predict_quats(ps, model_dir, rows, batch: int = 256) -> np.ndarray:
     from cryoforum_plugin.model_dir import ModelDir
     from cryoforum_plugin.preprocess import phase_flipped
 
-    pre, net, state = ModelDir(model_dir).load("cpu")
+    pre, net, _ = ModelDir(model_dir).load("cpu")
     source = ImageSource(ps.subset(rows), cache_bytes=0)
     out = []
     sub = ps.subset(rows)

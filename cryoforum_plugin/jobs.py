@@ -207,6 +207,7 @@ class Reference:
     maps: np.ndarray | dict
     pixel_size: float
     source: str  # where it came from, for the log and refine.json
+    path: str | None = None  # the map file of a one-map reference (training from the map uses it)
 
     @classmethod
     def from_files(cls, reference=None, half_maps=None) -> "Reference":
@@ -221,7 +222,7 @@ class Reference:
             return cls({"half1": h1, "half2": h2}, apix, f"half-maps {half_maps[0]}, {half_maps[1]}")
         if reference:
             vol, apix = read_map(reference)
-            return cls(vol, apix, str(reference))
+            return cls(vol, apix, str(reference), str(Path(reference).resolve()))
         raise CryoforumError("no reference map.", fix="pass --reference MAP or --half-maps HALF1 HALF2.")
 
 
@@ -329,7 +330,10 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
     summary = None
     if train_set is not None:
         events.message(f"[cryo-forum] training on {len(train_set)} particles -> {model_dir}")
-        summary = train(train_set, model_dir, TrainConfig.from_args(opts), device=opts.device,
+        config = TrainConfig.from_args(opts)
+        if config.from_map is None and reference is not None and reference.path is not None:
+            config.from_map = reference.path  # pre-train on projections of the consensus map the job was given
+        summary = train(train_set, model_dir, config, device=opts.device,
                         resume=bool(opts.resume) and ModelDir(model_dir).has_checkpoint, workers=opts.workers,
                         cache_gb=opts.cache_gb, events=events)
         if not distributed.is_main():

@@ -12,7 +12,8 @@ from . import distributed, geometry, symmetry
 from .image_source import ImageSource, auto_workers
 from .model_dir import ModelDir
 from .particles import ParticleSet
-from .preprocess import rotate_images
+from .errors import CryoforumError
+from .preprocess import phase_flipped, rotate_images
 from .progress import Events, Progress
 from .uncertainty import dispersions, figure_of_merit, trace_scale
 
@@ -56,6 +57,9 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     model = ModelDir(model_dir)
     pre, net, state = model.load(device)
+    if pre.phase_flip and ps.ctf is None:
+        raise CryoforumError("the model was trained with --phase-flip and needs the particles' CTF; these have none.",
+                             path=ps.path, fix="predict particles with CTF parameters (rlnDefocusU / ctf/df1_A).")
     cfg = state["config"]
     group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
     amp = device.type == "cuda"
@@ -70,11 +74,14 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     start = time.time()
     for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
         raw = raw.to(device, non_blocking=True)
+        flipped = phase_flipped(raw, ps.ctf, rows, ps.pixel_size[rows]) if pre.phase_flip else None
         qs, evs = [], []
         for a in angles:
-            img = raw if a == 0 else rotate_images(raw, torch.full((len(rows),), a, device=device))
+            turn = torch.full((len(rows),), a, device=device)
+            img = raw if a == 0 else rotate_images(raw, turn)
+            flp = flipped if (flipped is None or a == 0) else rotate_images(flipped, turn)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(pre(img))
+                out = net(pre(img, flp))
             q = out["quat"].float()
             if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
                 r = torch.as_tensor(geometry.psi_rotation_quats([a]), dtype=torch.float32, device=device)

@@ -66,6 +66,7 @@ FINE_BALL = 2.0  # later levels search |g| ≤ FINE_BALL steps (33 points; 1.5: 
 SMALL_RADIUS_DEG = 13.0  # up to this search radius level 1 uses 33 candidates (spacing radius/2), beyond 123 (radius/3)
 GLOBAL_SPACING_DEG = 12.5  # angular step of the global grid
 GLOBAL_CANDIDATES = 4  # well-separated global-grid maxima refined locally
+FALLBACK_CONFIDENCE = 0.6  # under "auto", local results below this confidence are searched globally too
 GLOBAL_SHIFT_STEP = 5.0  # global shift grid step = box / (GLOBAL_SHIFT_STEP · r) pixels
 PEAK_WIDTH = 1.5  # angular peak half-width ≈ PEAK_WIDTH / r (radians) at resolution r (Fourier pixels)
 FINAL_STEP = 1.1  # the last local level's angular step is at most FINAL_STEP / r_max radians
@@ -466,6 +467,18 @@ def _global(slices: _Slices, coef: _Coefficients, batch: _Batch, grid_q: torch.T
     return cand, conf
 
 
+def _global_refine(slices: _Slices, coef: _Coefficients, data: _Batch, grid_q: torch.Tensor, s: _Settings):
+    """Global grid search, local refinement of its candidates, final shift: quat, shift, cc, ll, confidence."""
+    spacing = math.radians(GLOBAL_SPACING_DEG)
+    cand, conf = _global(slices, coef, data, grid_q, spacing, s, GLOBAL_CANDIDATES)
+    m = cand.shape[1]
+    rep = torch.arange(len(data), device=cand.device).repeat_interleave(m)
+    q, _, _, data_k = _local(slices, coef, data.take(rep), cand.reshape(-1, 4),
+                             torch.full((len(data) * m,), spacing, device=cand.device), s, groups=m, units1=2)
+    shift, cc, ll = _finish(slices, coef, data_k, q, s)
+    return q, shift, cc, ll, conf
+
+
 def _sym_dot(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """|<a, b ⊗ g>| maximised over the group: cos of half the symmetry-aware geodesic; shapes broadcast (..., 4)."""
     best = None
@@ -543,8 +556,9 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     """Refine the poses and shifts of ``ps`` against ``reference`` (a (D, D, D) map or {'half1', 'half2'}:
     particles of half-set 1/2 use their half-map, unassigned ones a seeded random half).
 
-    ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, and those whose
-    ``start_error_deg`` exceeds MAX_RADIUS_DEG), "all" or "none" (still: particles without a pose).
+    ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, those whose ``start_error_deg``
+    exceeds MAX_RADIUS_DEG, and those whose local result has a confidence below FALLBACK_CONFIDENCE: the better
+    of the two results by likelihood is kept), "all", or "none" (still: particles without a pose).
     ``start_error_deg``: per-particle local search radius hint (degrees; default DEFAULT_RADIUS_DEG; the search
     covers RADIUS_MARGIN times it, at most MAX_RADIUS_DEG; NaN counts as unknown).
     ``max_shift_A``: the refined origin stays within this distance of the start origin (default 20 % of the box).
@@ -611,9 +625,14 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     reader = StackReader()
     try:
         whiten = _noise_weights(ps, reader, noise_spectrum, coef, box, dev)
-        grid_q = None
-        if glob.any():
-            grid_q = torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32, device=dev)
+        grid_cache = []
+
+        def grid_q():  # the global grid, made on first use
+            if not grid_cache:
+                grid_cache.append(torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32,
+                                                  device=dev))
+            return grid_cache[0]
+
         bar = Progress(n, "refine", enabled=progress, events=events)
         slices = None
         for h in (1, 2):
@@ -632,20 +651,22 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
                     data = _load(ps, reader, rows, coef, whiten, centre, dev)
                     with torch.no_grad():
                         if is_global:
-                            spacing = math.radians(GLOBAL_SPACING_DEG)
-                            cand, conf_g = _global(slices, coef, data, grid_q, spacing, settings, GLOBAL_CANDIDATES)
-                            m = cand.shape[1]
-                            rep = torch.arange(len(rows), device=dev).repeat_interleave(m)
-                            q, _, _, data_k = _local(slices, coef, data.take(rep), cand.reshape(-1, 4),
-                                                     torch.full((len(rows) * m,), spacing, device=dev), settings,
-                                                     groups=m, units1=2)
-                            conf = conf_g
+                            q, shift, cc, _, conf = _global_refine(slices, coef, data, grid_q(), settings)
                         else:
                             q0 = torch.as_tensor(q_start[rows], dtype=torch.float32, device=dev)
                             rad = torch.as_tensor(radius[rows], dtype=torch.float32, device=dev)
                             units1 = 3 if float(rad.max()) > math.radians(SMALL_RADIUS_DEG) else 2
                             q, _, conf, data_k = _local(slices, coef, data, q0, rad, settings, units1=units1)
-                        shift, cc, _ = _finish(slices, coef, data_k, q, settings)
+                            shift, cc, ll = _finish(slices, coef, data_k, q, settings)
+                            retry = (conf < FALLBACK_CONFIDENCE).nonzero()[:, 0]
+                            if global_search == "auto" and len(retry):  # doubtful local result: search globally
+                                gq, gs, gcc, gll, gconf = _global_refine(slices, coef, data.take(retry), grid_q(),
+                                                                         settings)
+                                better = gll > ll[retry]
+                                idx = retry[better]
+                                q[idx], shift[idx], cc[idx], conf[idx] = gq[better], gs[better], gcc[better], \
+                                    gconf[better]
+                                glob[rows[retry.cpu().numpy()]] = True
                     out_q[rows] = q.double().cpu().numpy()
                     out_s[rows] = shift.double().cpu().numpy()
                     out_cc[rows] = cc.double().cpu().numpy()

@@ -38,7 +38,7 @@ def test_filter_and_report_commands(tmp_path):
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "150", "--box", "32", "--snr", "1",
                 "--junk-fraction", "0.2", "--seed", "2"]) == 0
     assert cli(["train", "--particles", str(d / "sim" / "particles.star"), "--out", str(d / "m"), "--box", "32",
-                "--width", "0.125", "--epochs", "1", "--batch", "32"]) == 0
+                "--width", "0.125", "--epochs", "1", "--batch", "32", "--preset", "paper"]) == 0
     assert cli(["predict", "--model", str(d / "m"), "--particles", str(d / "sim" / "particles.cs"),
                 "--out", str(d / "p"), "--project-dir", str(d / "sim")]) == 0
     assert cli(["filter", str(d / "p" / "predicted.cs"), "--out", str(d / "f"), "--format", "both",

@@ -13,7 +13,7 @@ from cryoforum_plugin.simulation import resized_map
 
 import loopback_cryosparc
 
-FAST = ["--epochs", "1", "--box", "32", "--width", "0.125", "--device", "cpu"]
+FAST = ["--epochs", "1", "--box", "32", "--width", "0.125", "--device", "cpu", "--preset", "paper"]
 
 
 @pytest.fixture()

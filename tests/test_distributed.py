@@ -27,7 +27,7 @@ def test_two_process_training_and_sharded_prediction(tmp_path):
                 "--seed", "8"]) == 0
     parts = str(tmp_path / "sim" / "particles.star")
     torchrun("train", "--particles", parts, "--out", str(tmp_path / "m"), "--box", "32", "--width", "0.125",
-             "--epochs", "2", "--batch", "16", cwd=tmp_path)
+             "--epochs", "2", "--batch", "16", "--preset", "paper", cwd=tmp_path)
     log = (tmp_path / "m" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # one log, written by rank 0 only
     torchrun("predict", "--model", str(tmp_path / "m"), "--particles", parts, "--out", str(tmp_path / "p2"),

@@ -136,7 +136,7 @@ def tiny_run(tmp_path_factory):
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "120", "--box", "32", "--snr", "1",
                 "--seed", "1"]) == 0
     assert cli(["train", "--particles", str(d / "sim" / "particles.star"), "--out", str(d / "model"), "--box", "32",
-                "--width", "0.125", "--epochs", "2", "--batch", "16", "--threads", "2"]) == 0
+                "--width", "0.125", "--epochs", "2", "--batch", "16", "--threads", "2", "--preset", "paper"]) == 0
     return d
 
 
@@ -154,7 +154,7 @@ def test_training_writes_model_dir_and_resumes(tiny_run, tmp_path):
 
     shutil.copytree(m, tmp_path / "m")
     args = ["train", "--particles", str(tiny_run / "sim" / "particles.star"), "--out", str(tmp_path / "m"), "--box", "32",
-            "--width", "0.125", "--batch", "16", "--resume"]
+            "--width", "0.125", "--batch", "16", "--resume", "--preset", "paper"]
     assert cli(args + ["--epochs", "3"]) == 2  # another schedule: refused with a clear error, nothing written
     assert torch.load(tmp_path / "m" / "last.pt", weights_only=False)["epoch"] == 2
     assert cli(args + ["--epochs", "2"]) == 0  # same options: resumes at epoch 2 of 2, nothing left to do

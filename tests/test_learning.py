@@ -38,7 +38,7 @@ def trained(relion, tmp_path_factory):
     assert cli(["train", "--particles", str(d / "parts.star"), "--out", str(d / "m"), "--box", str(BOX),
                 "--width", "0.25", "--epochs", "30", "--batch", "32", "--lr", "0.003", "--dropout", "0", "--l2", "0",
                 "--qcqp-param", "symmetric", "--augment-psi", "--loss", "single", "--val-fraction", "0.1",
-                "--test-fraction", "0.2", "--seed", "42"]) == 0
+                "--test-fraction", "0.2", "--seed", "42", "--preset", "paper"]) == 0
     assert cli(["predict", "--model", str(d / "m"), "--particles", str(d / "parts.star"), "--out", str(d / "p")]) == 0
     return d, vol.numpy(), apix
 

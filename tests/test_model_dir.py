@@ -36,3 +36,16 @@ def test_model_dir_round_trip_and_legacy_option_name(tmp_path):
     with pytest.raises(CryoforumError, match="best.pt"):
         ModelDir(tmp_path / "empty").load()
     assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["training"] == "single"
+
+
+def test_presets_fill_the_options_left_at_their_defaults():
+    from cryoforum_plugin import jobs
+    from cryoforum_plugin.train_config import PRESETS
+
+    cpu = TrainConfig.from_args(jobs.options(preset="cpu", epochs=7))
+    assert cpu.pretrain_steps == PRESETS["cpu"]["pretrain_steps"] > 0 and cpu.box == 64 and cpu.epochs == 7
+    assert TrainConfig.from_args(jobs.options(preset="paper")) == TrainConfig()  # the paper = the declared defaults
+    assert TrainConfig.from_args(jobs.options(preset="auto", device="cpu")) == TrainConfig.from_args(
+        jobs.options(preset="cpu"))
+    with pytest.raises(CryoforumError, match="preset"):
+        TrainConfig.from_args({"preset": "fast"})

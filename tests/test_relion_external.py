@@ -31,7 +31,7 @@ def _project(tmp_path, relion_set):
     return proj
 
 
-FAST = "--width 0.125 --batch 32 --test-fraction 0.2"
+FAST = "--width 0.125 --batch 32 --test-fraction 0.2 --preset paper"
 
 
 def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_path):

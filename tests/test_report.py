@@ -33,7 +33,7 @@ def reported(tmp_path_factory):
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "160", "--box", "32", "--snr", "1",
                 "--junk-fraction", "0.1", "--seed", "4"]) == 0
     assert cli(["train", "--particles", str(d / "sim" / "particles.star"), "--out", str(d / "m"), "--box", "32",
-                "--width", "0.125", "--epochs", "1", "--batch", "32"]) == 0
+                "--width", "0.125", "--epochs", "1", "--batch", "32", "--preset", "paper"]) == 0
     assert cli(["predict", "--model", str(d / "m"), "--particles", str(d / "sim" / "particles.star"),
                 "--out", str(d / "p")]) == 0
     vol, apix = resized_map(DEFAULT_MAP, 32)
