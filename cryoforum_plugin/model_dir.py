@@ -126,6 +126,15 @@ class ModelDir:
                                  fix="pass the --out directory of a `cryoforum train` run.")
         return json.loads(path.read_text())
 
+    def grid(self, default_pixel: float, default_box: int) -> tuple[float, int]:
+        """(pixel size in Å, box in px) of the images the model was trained on (config.json's input_pixel_size
+        and input_box): prediction brings every particle to this grid. Models without a record: the defaults."""
+        path = self.path / CONFIG
+        meta = json.loads(path.read_text()) if path.exists() else {}
+        if "input_pixel_size" not in meta or "input_box" not in meta:
+            return default_pixel, default_box
+        return float(meta["input_pixel_size"]), int(meta["input_box"])
+
     def split_uids(self, name: str) -> np.ndarray:
         """(M,) uint64 uids of one part ('train', 'val' or 'test') of the model's split."""
         path = self.path / SPLIT

@@ -13,7 +13,7 @@ from .image_source import ImageSource, auto_workers
 from .model_dir import ModelDir
 from .particles import ParticleSet
 from .errors import CryoforumError
-from .preprocess import phase_flipped, rotate_images
+from .preprocess import check_model_grid, phase_flipped, rotate_images, to_model_grid
 from .progress import Events, Progress
 from .uncertainty import dispersions, figure_of_merit, trace_scale
 
@@ -57,6 +57,8 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     model = ModelDir(model_dir)
     pre, net, state = model.load(device)
+    grid_pixel, grid_box = model.grid(default_pixel=float(ps.pixel_size[0]), default_box=int(ps.box[0]))
+    check_model_grid(ps.pixel_size, grid_box, grid_pixel * grid_box / pre.box, ps.path)
     if pre.phase_flip and ps.ctf is None:
         raise CryoforumError("the model was trained with --phase-flip and needs the particles' CTF; these have none.",
                              path=ps.path, fix="predict particles with CTF parameters (rlnDefocusU / ctf/df1_A).")
@@ -73,8 +75,8 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
     for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
-        raw = raw.to(device, non_blocking=True)
-        flipped = phase_flipped(raw, ps.ctf, rows, ps.pixel_size[rows]) if pre.phase_flip else None
+        raw = to_model_grid(raw.to(device, non_blocking=True), ps.pixel_size[rows], grid_pixel, grid_box)
+        flipped = phase_flipped(raw, ps.ctf, rows, grid_pixel) if pre.phase_flip else None
         qs, evs = [], []
         for a in angles:
             turn = torch.full((len(rows),), a, device=device)

@@ -20,6 +20,7 @@ from .ctf import ctf_2d
 from .fourier import (
     fft2c,
     ifft2c,
+    pad_real,
     radius_2d,
     resize_images,
     shift_phase,
@@ -126,4 +127,36 @@ def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: 
         if also is not None:
             also = ifft2c(fft2c(also) * ramp).real
     return (raw, target) if also is None else (raw, target, also)
+
+
+def to_model_grid(raw: torch.Tensor, pixel_size, grid_pixel: float, grid_box: int) -> torch.Tensor:
+    """Raw (B, N, N) images with per-image pixel sizes (Å, scalar or (B,)) -> (B, grid_box, grid_box) at
+    ``grid_pixel`` Å: each pixel-size group is Fourier-cropped or padded to the grid's pixel size, then cropped
+    or padded in real space to the grid's box (the model's field of view). Identity when nothing differs."""
+    p = np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), (raw.shape[0],))
+    n = raw.shape[-1]
+    if n == grid_box and np.allclose(p, grid_pixel, rtol=1e-4):
+        return raw
+    out = torch.empty(raw.shape[0], grid_box, grid_box, dtype=torch.float32, device=raw.device)
+    for value in np.unique(np.round(p, 6)):
+        rows = torch.as_tensor(np.nonzero(np.isclose(p, value, rtol=1e-6))[0], device=raw.device)
+        new = int(round(n * value / grid_pixel))
+        resized = resize_images(raw[rows].float(), new)
+        out[rows] = pad_real(resized, grid_box, 2)
+    return out
+
+
+def check_model_grid(pixel_size, box: int, model_pixel: float, path=None) -> None:
+    """One clear error when particles cannot be brought to a model's sampling: coarser than the model's
+    pixel size after its crop (``model_pixel``), i.e. their Nyquist is coarser than the model's."""
+    from .errors import CryoforumError
+
+    p = np.asarray(pixel_size, dtype=np.float64)
+    bad = np.nonzero(p > model_pixel * (1 + 1e-3))[0]
+    if len(bad):
+        raise CryoforumError(f"the particles have {p[bad[0]]:.3f} Å/px but the model works at {model_pixel:.3f} Å/px: "
+                             f"their Nyquist ({2 * p[bad[0]]:.2f} Å) is coarser than the model's "
+                             f"({2 * model_pixel:.2f} Å).", path=path, row=int(bad[0]),
+                             fix="predict particles extracted at a finer pixel size, or train a model with a smaller "
+                                 "--box (a coarser model pixel size).")
 

@@ -34,8 +34,10 @@ the sub-pixel (parabolic) peak of a 2x-upsampled FFT cross-correlation over the 
 
 Confidence: the posterior mass (``exp(ll)`` normalised over the searched poses, best shift each) within 1.5 grid
 steps of the best pose, on the widest level a particle went through (the global grid, or the first local level);
-halved when a local search ended at the rim of its ball (the optimum may lie outside the searched region). The
-noise level is calibrated on the data, so ``ll`` has its natural scale and the posterior its natural width.
+halved when a local search ended at the rim of its ball (the optimum may lie outside the searched region); times
+a plausibility in [0, 1] that falls from 1 to 0 as the final score goes from 2 to 4 robust SDs below the median of
+the confident particles (a wrong pose or a junk particle matches much worse than its peers). The noise level is
+calibrated on the data, so ``ll`` has its natural scale and the posterior its natural width.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ from . import geometry, symmetry
 from .ctf import ctf_2d
 from .devices import resolve_device
 from .errors import CryoforumError
-from .fourier import as_tensor, fft2c, fft3c, freq_1d, pad_real, radius_3d, resize_volume
+from .fourier import (
+    as_tensor,
+    fft2c,
+    fft3c,
+    freq_1d,
+    pad_real,
+    radius_3d,
+    resize_volume,
+)
 from .fsc import fsc_curve
 from .images import StackReader
 from .particles import ParticleSet
@@ -109,10 +119,10 @@ def _rotvec_to_quat(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(half), v * scale], -1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ball(radius: float) -> np.ndarray:
     """Integer points g of Z³ with |g| ≤ radius, (L, 3) float; sorted by |g| (the centre first)."""
-    m = int(math.floor(radius))
+    m = math.floor(radius)
     r = np.arange(-m, m + 1)
     g = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     g = g[np.linalg.norm(g, axis=1) <= radius + 1e-6]
@@ -124,8 +134,8 @@ def global_grid(spacing_deg: float, sym: str = "C1") -> np.ndarray:
     """A near-uniform SO(3) grid (G, 4) of about ``spacing_deg`` steps: Fibonacci viewing directions × in-plane
     angles, reduced to the asymmetric unit of ``sym`` (the poses whose canonical member is themselves)."""
     step = np.radians(spacing_deg)
-    n_dir = max(2, int(math.ceil(4 * np.pi / step**2)))
-    n_psi = max(1, int(math.ceil(360.0 / spacing_deg)))
+    n_dir = max(2, math.ceil(4 * np.pi / step**2))
+    n_psi = max(1, math.ceil(360.0 / spacing_deg))
     i = np.arange(n_dir) + 0.5
     tilt = np.degrees(np.arccos(1 - 2 * i / n_dir))
     rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
@@ -165,7 +175,7 @@ class _Slices:
         self.banks: dict = {}
 
     def _crop(self, radius: float) -> tuple[torch.Tensor, int]:
-        m = min(int(math.ceil(self.pad * radius)) + 2, self.n // 2 - 1)
+        m = min(math.ceil(self.pad * radius) + 2, self.n // 2 - 1)
         if m not in self._crops:
             c = self.n // 2
             sub = self.spec[c - m:c + m + 1, c - m:c + m + 1, c - m:c + m + 1]
@@ -223,7 +233,7 @@ class _Batch:
     xw: torch.Tensor
     centre: torch.Tensor
 
-    def take(self, idx: torch.Tensor) -> "_Batch":
+    def take(self, idx: torch.Tensor) -> _Batch:
         return _Batch(self.y[idx], self.c2w[idx], self.xw[idx], self.centre[idx])
 
     def __len__(self) -> int:
@@ -388,7 +398,7 @@ def _local_confidence(ll: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return (p * near).sum(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _neighbours(units: int) -> np.ndarray:
     """(L, 3, 2) indices into _ball(units) of each point's neighbours -e_a and +e_a (-1 where outside)."""
     g = _ball(units).round().astype(int)
@@ -429,7 +439,7 @@ def _global(slices: _Slices, coef: _Coefficients, batch: _Batch, grid_q: torch.T
     tc, t2 = slices.banks[key]
     n_grid = grid_q.shape[0]
     step = max(0.5, coef.box / (GLOBAL_SHIFT_STEP * r))
-    m = int(math.floor(s.max_shift_px / step))
+    m = math.floor(s.max_shift_px / step)
     o = torch.arange(-m, m + 1, device=dev, dtype=torch.float32) * step
     off = torch.stack(torch.meshgrid(o, o, indexing="xy"), -1).reshape(-1, 2)
     off = off[(off**2).sum(-1) <= s.max_shift_px**2 + 1e-6]  # (S, 2)
@@ -530,7 +540,7 @@ def _prepare_reference(reference, reference_pixel_size: float, box: int, apix: f
             raise CryoforumError("the reference map contains NaN or infinite values.", fix="pass a finite map.")
         d = v.shape[0]
         n_new = d * reference_pixel_size / apix
-        m = int(round(n_new))
+        m = round(n_new)
         tol = 0.25 / (box / 2)  # ≤ 1/4 px of scale error at the particles' Nyquist
         if m < 8 or abs(d * reference_pixel_size / m - apix) / apix > tol:
             raise CryoforumError(
@@ -557,8 +567,9 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     particles of half-set 1/2 use their half-map, unassigned ones a seeded random half).
 
     ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, those whose ``start_error_deg``
-    exceeds MAX_RADIUS_DEG, and those whose local result has a confidence below FALLBACK_CONFIDENCE: the better
-    of the two results by likelihood is kept), "all", or "none" (still: particles without a pose).
+    exceeds MAX_RADIUS_DEG, and, in a second pass, those whose local result is doubtful: a confidence below
+    FALLBACK_CONFIDENCE or a score more than 2 robust SDs below the confident particles' median; the better of
+    the two results by likelihood is kept), "all", or "none" (still: particles without a pose).
     ``start_error_deg``: per-particle local search radius hint (degrees; default DEFAULT_RADIUS_DEG; the search
     covers RADIUS_MARGIN times it, at most MAX_RADIUS_DEG; NaN counts as unknown).
     ``max_shift_A``: the refined origin stays within this distance of the start origin (default 20 % of the box).
@@ -621,62 +632,79 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     out_q = np.zeros((n, 4))
     out_s = np.zeros((n, 2))
     out_cc = np.zeros(n)
+    out_ll = np.full(n, -np.inf)
     out_conf = np.zeros(n)
+    grid_cache = []
+
+    def grid_q():  # the global grid, made on first use
+        if not grid_cache:
+            grid_cache.append(torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32, device=dev))
+        return grid_cache[0]
+
+    def run(rows_sel: np.ndarray, is_global: bool, label: str) -> None:
+        """Refine ``rows_sel`` (half by half, in batches); a global pass keeps a row's previous result when that
+        has the higher likelihood."""
+        bar = Progress(len(rows_sel), label, enabled=progress, events=events)
+        slices = None
+        for h in (1, 2):
+            sel = rows_sel[half[rows_sel] == h]
+            if not len(sel):
+                continue
+            if slices is None or maps[2] is not maps[1]:
+                slices = _Slices(maps[h], chunk=settings.chunk, shell_weight=filt)
+            if not is_global:  # similar radii in one batch: the levels' resolutions suit them all
+                sel = sel[np.argsort(radius[sel], kind="stable")]
+            for lo in range(0, len(sel), batch):
+                if abort_check is not None:
+                    abort_check()
+                rows = sel[lo:lo + batch]
+                data = _load(ps, reader, rows, coef, whiten, centre, dev)
+                with torch.no_grad():
+                    if is_global:
+                        q, shift, cc, ll, conf = _global_refine(slices, coef, data, grid_q(), settings)
+                    else:
+                        q0 = torch.as_tensor(q_start[rows], dtype=torch.float32, device=dev)
+                        rad = torch.as_tensor(radius[rows], dtype=torch.float32, device=dev)
+                        units1 = 3 if float(rad.max()) > math.radians(SMALL_RADIUS_DEG) else 2
+                        q, _, conf, data_k = _local(slices, coef, data, q0, rad, settings, units1=units1)
+                        shift, cc, ll = _finish(slices, coef, data_k, q, settings)
+                ll = ll.double().cpu().numpy()
+                better = ll > out_ll[rows]
+                r = rows[better]
+                out_q[r] = q.double().cpu().numpy()[better]
+                out_s[r] = shift.double().cpu().numpy()[better]
+                out_cc[r] = cc.double().cpu().numpy()[better]
+                out_ll[r] = ll[better]
+                out_conf[r] = conf.double().cpu().numpy()[better]
+                glob[rows] |= is_global
+                bar.update(len(rows))
+        bar.close()
+
     reader = StackReader()
     try:
         whiten = _noise_weights(ps, reader, noise_spectrum, coef, box, dev)
-        grid_cache = []
-
-        def grid_q():  # the global grid, made on first use
-            if not grid_cache:
-                grid_cache.append(torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32,
-                                                  device=dev))
-            return grid_cache[0]
-
-        bar = Progress(n, "refine", enabled=progress, events=events)
-        slices = None
-        for h in (1, 2):
-            if not (half == h).any():
-                continue
-            if h == 1 or maps[2] is not maps[1]:
-                slices = _Slices(maps[h], chunk=settings.chunk, shell_weight=filt)
-            jobs = [(np.nonzero((half == h) & glob)[0], True)]
-            loc = np.nonzero((half == h) & ~glob)[0]
-            jobs.append((loc[np.argsort(radius[loc], kind="stable")], False))
-            for rows_all, is_global in jobs:
-                for lo in range(0, len(rows_all), batch):
-                    if abort_check is not None:
-                        abort_check()
-                    rows = rows_all[lo:lo + batch]
-                    data = _load(ps, reader, rows, coef, whiten, centre, dev)
-                    with torch.no_grad():
-                        if is_global:
-                            q, shift, cc, _, conf = _global_refine(slices, coef, data, grid_q(), settings)
-                        else:
-                            q0 = torch.as_tensor(q_start[rows], dtype=torch.float32, device=dev)
-                            rad = torch.as_tensor(radius[rows], dtype=torch.float32, device=dev)
-                            units1 = 3 if float(rad.max()) > math.radians(SMALL_RADIUS_DEG) else 2
-                            q, _, conf, data_k = _local(slices, coef, data, q0, rad, settings, units1=units1)
-                            shift, cc, ll = _finish(slices, coef, data_k, q, settings)
-                            retry = (conf < FALLBACK_CONFIDENCE).nonzero()[:, 0]
-                            if global_search == "auto" and len(retry):  # doubtful local result: search globally
-                                gq, gs, gcc, gll, gconf = _global_refine(slices, coef, data.take(retry), grid_q(),
-                                                                         settings)
-                                better = gll > ll[retry]
-                                idx = retry[better]
-                                q[idx], shift[idx], cc[idx], conf[idx] = gq[better], gs[better], gcc[better], \
-                                    gconf[better]
-                                glob[rows[retry.cpu().numpy()]] = True
-                    out_q[rows] = q.double().cpu().numpy()
-                    out_s[rows] = shift.double().cpu().numpy()
-                    out_cc[rows] = cc.double().cpu().numpy()
-                    out_conf[rows] = conf.double().cpu().numpy()
-                    bar.update(len(rows))
-        bar.close()
+        run(np.nonzero(glob)[0], True, "refine global")
+        run(np.nonzero(~glob)[0], False, "refine local")
+        plausible = _plausibility(out_cc, out_conf)
+        if global_search == "auto":  # doubtful local results: search globally too, keep the better
+            retry = np.nonzero(~glob & ((out_conf < FALLBACK_CONFIDENCE) | (plausible < 1)))[0]
+            if len(retry):
+                run(retry, True, "refine retry")
+                plausible = _plausibility(out_cc, out_conf)
     finally:
         reader.close()
+    out_conf = out_conf * plausible
     return RefineResult(geometry.normalize(out_q), out_s * apix, out_cc, np.clip(out_conf, 0.0, 1.0), glob,
                         time.time() - t_start)
+
+
+def _plausibility(cc: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """1 for scores within 2 robust SDs (1.4826 MAD) below the median score of the confident particles, falling
+    linearly to 0 at 4 SDs below: a wrong pose or a junk particle matches much worse than its peers."""
+    ref = cc[conf >= FALLBACK_CONFIDENCE] if (conf >= FALLBACK_CONFIDENCE).sum() >= 20 else cc
+    med = float(np.median(ref))
+    sd = max(1.4826 * float(np.median(np.abs(ref - med))), 0.05 * abs(med), 1e-6)
+    return np.clip((cc - (med - 4 * sd)) / (2 * sd), 0.0, 1.0)
 
 
 def _load(ps: ParticleSet, reader: StackReader, rows: np.ndarray, coef: _Coefficients, whiten: torch.Tensor,

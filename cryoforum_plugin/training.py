@@ -33,7 +33,7 @@ from .fourier import fft3c, ifft3c, radius_3d
 from .image_source import ImageSource, auto_workers, split_rows
 from .model_dir import ModelDir
 from .particles import ParticleSet
-from .preprocess import augment, phase_flipped
+from .preprocess import to_model_grid, augment, phase_flipped
 from .progress import Events, Progress
 from .train_config import TrainConfig, build
 from .uncertainty import trace_scale
@@ -193,7 +193,10 @@ class Trainer:
     def _inputs(self, rows, raw: torch.Tensor, augmented: bool):
         """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""
         target = self.targets[torch.as_tensor(rows)].to(self.device)
-        return self._network_input(raw, target, augmented, self.ps.ctf, rows, self.ps.pixel_size[rows])
+        # optics groups of other pixel sizes are brought to the first particle's sampling (the model's grid)
+        grid_pixel, grid_box = float(self.ps.pixel_size[0]), int(self.ps.box[0])
+        raw = to_model_grid(raw.to(self.device, non_blocking=True), self.ps.pixel_size[rows], grid_pixel, grid_box)
+        return self._network_input(raw, target, augmented, self.ps.ctf, rows, grid_pixel)
 
     def _l2(self) -> torch.Tensor:
         if self.cfg.l2_head:

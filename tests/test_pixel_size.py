@@ -1,0 +1,102 @@
+"""The model knows its pixel size: particles re-extracted at another pixel size, and a STAR with two optics
+groups of different pixel sizes, are brought to the model's sampling (Fourier crop / pad per group) and get the
+poses the model gives the same particles at its own sampling (noise-free images, so any difference is the
+rescaling); particles coarser than the model's sampling are one clear error."""
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from cryoforum_plugin import jobs
+from cryoforum_plugin.cli import main as cli
+from cryoforum_plugin.data import DEFAULT_MAP
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.evaluation import geodesic_errors
+from cryoforum_plugin.image_source import ImageSource
+from cryoforum_plugin.model_dir import ModelDir
+from cryoforum_plugin.particles import read_particles
+
+
+def _simulate(d, box, seed, n, angles=None):
+    args = ["simulate", str(DEFAULT_MAP), "--out", str(d), "--n", str(n), "--box", str(box), "--snr", "0",
+            "--seed", str(seed), "--no-ctf"]
+    assert cli(args + (["--angles", str(angles)] if angles else [])) == 0
+    return read_particles(d / "particles.star")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pixel")
+    _simulate(d / "a", 32, 1, 300)
+    assert cli(["train", "--particles", str(d / "a" / "particles.star"), "--out", str(d / "m"), "--box", "32",
+                "--width", "0.25", "--epochs", "2", "--batch", "32", "--lr", "0.003", "--preset", "paper",
+                "--test-fraction", "0"]) == 0
+    return d
+
+
+def _predicted(ps, model_dir):
+    pred, _ = jobs.predict(ps, model_dir, device="cpu")
+    return pred.quat
+
+
+def _reboxed(d, name, images, pixel_size, star):
+    """A STAR of ``images`` (a new stack) with the poses of ``star`` at ``pixel_size``."""
+    with mrcfile.new(d / f"{name}.mrcs", overwrite=True) as m:
+        m.set_data(np.ascontiguousarray(images, dtype=np.float32))
+    t = starfile.read(star, always_dict=True)
+    optics = t["optics"].assign(rlnImageSize=images.shape[-1], rlnImagePixelSize=pixel_size)
+    parts = t["particles"].iloc[: len(images)].assign(
+        rlnImageName=[f"{i + 1:06d}@{name}.mrcs" for i in range(len(images))])
+    starfile.write({"optics": optics, "particles": parts}, d / f"{name}.star")
+    return read_particles(d / f"{name}.star")
+
+
+def test_particles_at_a_finer_pixel_size_are_rescaled_to_the_model(model):
+    d = model
+    same = read_particles(d / "a" / "particles.star")
+    fine = _simulate(d / "b", 48, 2, 300, angles=d / "a" / "truth.star")  # same poses, finer pixels ...
+    big = np.pad(mrcfile.read(d / "b" / "particles.mrcs"), ((0, 0), (8, 8), (8, 8)))  # ... re-extracted at 64 px
+    wide = _reboxed(d / "b", "wide", big, float(fine.pixel_size[0]), d / "b" / "particles.star")
+    reference = _predicted(same, d / "m")
+    agree = np.degrees(np.median(geodesic_errors(_predicted(wide, d / "m"), reference)))
+    pre, net, _ = ModelDir(d / "m").load()
+    with torch.no_grad():  # what happened before: Fourier-cropped to the model's box, a wider field of view
+        q = net(pre(ImageSource(wide, cache_bytes=0).batch(np.arange(300))))["quat"].numpy()
+    before = np.degrees(np.median(geodesic_errors(q, reference)))
+    assert agree < 3 and before > 3 * agree + 5, (agree, before)
+
+
+def test_two_optics_groups_of_different_pixel_sizes_in_one_star(model):
+    d = model
+    b = _simulate(d / "c", 36, 3, 150, angles=d / "a" / "truth.star")  # 36 px over the field of view ...
+    stack = mrcfile.read(d / "c" / "particles.mrcs")[:, 2:34, 2:34]  # ... re-boxed to 32 px (finer pixels)
+    with mrcfile.new(d / "c" / "boxed.mrcs", overwrite=True) as m:
+        m.set_data(np.ascontiguousarray(stack, dtype=np.float32))
+    a = starfile.read(d / "a" / "particles.star", always_dict=True)
+    c = starfile.read(d / "c" / "particles.star", always_dict=True)
+    optics = pd.concat([a["optics"], c["optics"].assign(rlnOpticsGroup=2, rlnOpticsGroupName="opticsGroup2",
+                                                        rlnImageSize=32)])
+    pa = a["particles"].iloc[:150].assign(rlnImageName=[f"{i + 1:06d}@a/particles.mrcs" for i in range(150)])
+    pc = c["particles"].iloc[:150].assign(rlnOpticsGroup=2,
+                                          rlnImageName=[f"{i + 1:06d}@c/boxed.mrcs" for i in range(150)])
+    starfile.write({"optics": optics, "particles": pd.concat([pa, pc])}, d / "mixed.star")
+    mixed = read_particles(d / "mixed.star")
+    assert len(set(np.round(mixed.pixel_size, 3))) == 2
+    quat = _predicted(mixed, d / "m")  # both groups hold the same 150 poses
+    reference = _predicted(read_particles(d / "a" / "particles.star").subset(np.arange(150)), d / "m")
+    assert np.allclose(geodesic_errors(quat[:150], reference), 0, atol=1e-3)
+    assert np.degrees(np.median(geodesic_errors(quat[150:], reference))) < 5
+
+
+def test_particles_coarser_than_the_model_are_one_clear_error(model, capsys):
+    d = model
+    _simulate(d / "coarse", 24, 4, 10)
+    code = cli(["predict", "--model", str(d / "m"), "--particles", str(d / "coarse" / "particles.star"),
+                "--out", str(d / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Nyquist" in err and "Traceback" not in err
+    with pytest.raises(CryoforumError):
+        jobs.predict(read_particles(d / "coarse" / "particles.star"), d / "m", device="cpu")
