@@ -335,7 +335,8 @@ def _local(slices: _Slices, coef: _Coefficients, batch: _Batch, q0: torch.Tensor
            s: _Settings, groups: int = 1, units1: int = 3):
     """Coarse-to-fine local search from (B, 4) starts within (B,) radii (radians). With ``groups`` > 1 the rows
     are consecutive groups of candidates for one particle: after level 1 only each group's best continues.
-    Returns quat (B', 4), shift (B', 2), ll (B',), cc (B',), confidence (B',), B' = B / groups."""
+    Returns quat (B', 4), shift (B', 2) (the last level's, before the final FFT search), confidence (B',) and the
+    batch (B' rows), B' = B / groups."""
     dev = q0.device
     q_start = q0
     final = FINAL_STEP / s.r_max
@@ -399,7 +400,7 @@ def _local_confidence(ll: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _neighbours(units: int) -> np.ndarray:
+def _neighbours(units: float) -> np.ndarray:
     """(L, 3, 2) indices into _ball(units) of each point's neighbours -e_a and +e_a (-1 where outside)."""
     g = _ball(units).round().astype(int)
     index = {tuple(p): i for i, p in enumerate(g)}
