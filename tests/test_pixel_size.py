@@ -71,7 +71,7 @@ def test_particles_at_a_finer_pixel_size_are_rescaled_to_the_model(model):
 
 def test_two_optics_groups_of_different_pixel_sizes_in_one_star(model):
     d = model
-    b = _simulate(d / "c", 36, 3, 150, angles=d / "a" / "truth.star")  # 36 px over the field of view ...
+    _simulate(d / "c", 36, 3, 150, angles=d / "a" / "truth.star")  # 36 px over the field of view ...
     stack = mrcfile.read(d / "c" / "particles.mrcs")[:, 2:34, 2:34]  # ... re-boxed to 32 px (finer pixels)
     with mrcfile.new(d / "c" / "boxed.mrcs", overwrite=True) as m:
         m.set_data(np.ascontiguousarray(stack, dtype=np.float32))
