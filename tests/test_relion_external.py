@@ -64,6 +64,17 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
     assert np.degrees(np.median(geodesic_errors(predicted.quat, relion_set["quat"]))) > 20
     shift_px = np.linalg.norm(refined.shift_A - relion_set["shift_A"], axis=1) / relion_set["pixel_size"]
     assert np.median(shift_px) < 1.0
+    # real relion_reconstruct of the refined STAR matches the true map about as well as the true poses do
+    import mrcfile
+
+    from cryoforum_plugin.fsc import fsc_curve
+
+    run_relion(["relion_reconstruct", "--i", "External/job002/refined.star", "--o", "refined.mrc", "--ctf"], cwd=proj)
+    run_relion(["relion_reconstruct", "--i", "parts_noisy.star", "--o", "true_poses.mrc", "--ctf"], cwd=proj)
+    truth = relion_set["map"]
+    fsc_refined = fsc_curve(mrcfile.read(proj / "refined.mrc"), truth)
+    fsc_true = fsc_curve(mrcfile.read(proj / "true_poses.mrc"), truth)
+    assert fsc_refined[2:16].mean() > 0.9 * fsc_true[2:16].mean(), (fsc_refined[:16], fsc_true[:16])
     confident = starfile.read(job / "confident.star")
     assert "optics" in confident and len(confident["particles"]) == 300  # 400 - 25 %
     # a following RELION job consumes the confident particles
