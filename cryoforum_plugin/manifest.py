@@ -58,7 +58,7 @@ def namespace(job_name: str, **values) -> argparse.Namespace:
 
 
 def _help(p: dict) -> str:
-    text = p.get("help", "")
+    text = p.get("help", "").replace("%", "%%")  # argparse expands %-formats in help strings
     extra = []
     if p.get("unit"):
         extra.append(f"unit: {p['unit']}")

@@ -33,3 +33,14 @@ def test_every_subcommand_and_option_has_help_with_units():
     assert "--max-shift" in out and "unit: Å" in out and "default: 0.1" in out
     assert len([p for p in manifest.params("relion") if p.get("relion_form")]) <= 10  # RELION's form limit
     assert parser.prog == "cryoforum"
+
+
+def test_every_help_page_renders():
+    """`--help` of every subcommand and of the RELION executable prints (a '%' in a help text once broke it)."""
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for name in COMMANDS:
+        assert "usage:" in sub[name].format_help(), name
+    from relion_external.cryoforum_relion import build_parser as relion_parser
+
+    assert "--in_3dref" in relion_parser().format_help()
