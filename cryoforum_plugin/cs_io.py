@@ -12,7 +12,7 @@ from . import geometry
 from .atomic import atomic_path
 from .errors import CryoforumError
 from .particles import (FOM_CS, JUNK_CS, PRIOR_POSE_CS, UNCERTAINTY_CS, ParticleSet, check_box, check_quats,
-                        resolve_all)
+                        finite_rows, resolve_all)
 
 CS_BLOB_FIELDS = [("blob/path", "O"), ("blob/idx", "u4"), ("blob/shape", "u4", (2,)), ("blob/psize_A", "f4"),
                   ("blob/sign", "f4"), ("blob/import_sig", "u8")]
@@ -183,11 +183,7 @@ def _write_typed(ps: ParticleSet, ds) -> None:
     if ps.junk is not None:
         values[JUNK_CS] = ps.junk
     if ps.prior_quat is not None:
-        pose = np.full((len(ps), 3), np.nan)
-        ok = np.isfinite(ps.prior_quat).all(axis=1)
-        if ok.any():
-            pose[ok] = geometry.quat_to_cryosparc_pose(ps.prior_quat[ok])
-        values[PRIOR_POSE_CS] = pose
+        values[PRIOR_POSE_CS] = finite_rows(ps.prior_quat, geometry.quat_to_cryosparc_pose)
     stale = [f for f in spec if f in ds.fields() and f not in values]
     if stale:
         ds.drop_fields(stale)

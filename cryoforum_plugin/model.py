@@ -156,6 +156,8 @@ class OrientationNet(nn.Module):
                 return {"quat": F.normalize(out, dim=1)}
             return {"quat": matrix_to_quat_torch(gram_schmidt_6d(out))}
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Keras-style L2: sum of squared conv and dense kernels (multiply by 1e-3 in the loss)."""
-        return sum((m.weight**2).sum() for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    def l2_penalty(self, head: bool = True) -> torch.Tensor:
+        """Keras-style L2: sum of squared conv and dense kernels (multiply by 1e-3 in the loss); ``head`` False
+        leaves the dense (head) layer out."""
+        return sum((m.weight**2).sum() for m in self.modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear)) and (head or m is not self.dense))

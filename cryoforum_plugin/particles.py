@@ -60,6 +60,16 @@ CORE_STAR_COLUMNS = frozenset({"rlnImageName", *ANGLE_COLUMNS, "rlnOriginX", "rl
 """STAR columns the writers derive from the ParticleSet's own fields (never in ``numeric``)."""
 
 
+def finite_rows(quat: np.ndarray, convert) -> np.ndarray:
+    """(N, 3) ``convert(quat[rows])`` for the rows with a complete pose, NaN for the others (RELION angles
+    or rotation vectors)."""
+    ok = np.isfinite(quat).all(axis=1)
+    out = np.full((len(quat), 3), np.nan)
+    if ok.any():
+        out[ok] = convert(quat[ok])
+    return out
+
+
 @dataclasses.dataclass
 class ParticleSet:
     """Particles by reference; every array has N rows. See the module docstring.
@@ -110,10 +120,7 @@ class ParticleSet:
         """The typed fields as STAR columns (in TYPED_STAR_COLUMNS order), only those that are set."""
         out = {}
         if self.prior_quat is not None:
-            prior = np.full((len(self), 3), np.nan)
-            ok = np.isfinite(self.prior_quat).all(axis=1)
-            if ok.any():
-                prior[ok] = geometry.quat_to_relion_euler(self.prior_quat[ok])
+            prior = finite_rows(self.prior_quat, geometry.quat_to_relion_euler)
             out.update({c: prior[:, i] for i, c in enumerate(PRIOR_ANGLE_COLUMNS)})
         if self.uncertainty is not None:
             out.update({UNCERTAINTY_STAR[k]: self.uncertainty[k] for k in ("max", "trace")})

@@ -58,7 +58,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     model = ModelDir(model_dir)
     pre, net, state = model.load(device)
     grid_pixel, grid_box = model.grid(default_pixel=float(ps.pixel_size[0]), default_box=int(ps.box[0]))
-    check_model_grid(ps.pixel_size, grid_box, grid_pixel * grid_box / pre.box, ps.path)
+    check_model_grid(ps.pixel_size, grid_pixel * grid_box / pre.box, ps.path)
     if pre.phase_flip and ps.ctf is None:
         raise CryoforumError("the model was trained with --phase-flip and needs the particles' CTF; these have none.",
                              path=ps.path, fix="predict particles with CTF parameters (rlnDefocusU / ctf/df1_A).")
@@ -109,7 +109,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         disp = dispersions(evals)
     else:  # heads without a Bingham: no uncertainty; zeros keep the columns well-defined
         disp = {"max": np.zeros(n), "trace": np.zeros(n)}
-    scale = model.trace_scale(state) or (trace_scale(evals) if evals is not None else 1.0)
+    scale = model.trace_scale(state) or trace_scale(evals)
     return Prediction(geometry.normalize(quat.astype(np.float64)), evals, disp,
                       figure_of_merit(disp["trace"], scale), seconds)
 

@@ -110,8 +110,8 @@ def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: 
     """Exact training augmentations of raw (B, N, N) images with their (B, 4) target quaternions: a random
     in-plane rotation with the matching change of psi (``psi``), and random re-centring by up to ``shift_px``
     pixels (the pose is unchanged). Random numbers come from ``gen`` (CPU) so training stays deterministic.
-    ``also``: (B, N, N) images that get the same transforms (the phase-flipped copies); then returns
-    (raw, target, also)."""
+    ``also``: (B, N, N) images that get the same transforms (the phase-flipped copies) or None.
+    Returns (raw, target, also)."""
     b, device = raw.shape[0], raw.device
     if psi:
         a = torch.rand(b, generator=gen) * 360 - 180
@@ -126,7 +126,7 @@ def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: 
         raw = ifft2c(fft2c(raw) * ramp).real
         if also is not None:
             also = ifft2c(fft2c(also) * ramp).real
-    return (raw, target) if also is None else (raw, target, also)
+    return raw, target, also
 
 
 def to_model_grid(raw: torch.Tensor, pixel_size, grid_pixel: float, grid_box: int) -> torch.Tensor:
@@ -146,7 +146,7 @@ def to_model_grid(raw: torch.Tensor, pixel_size, grid_pixel: float, grid_box: in
     return out
 
 
-def check_model_grid(pixel_size, box: int, model_pixel: float, path=None) -> None:
+def check_model_grid(pixel_size, model_pixel: float, path=None) -> None:
     """One clear error when particles cannot be brought to a model's sampling: coarser than the model's
     pixel size after its crop (``model_pixel``), i.e. their Nyquist is coarser than the model's."""
     from .errors import CryoforumError

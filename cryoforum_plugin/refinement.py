@@ -66,6 +66,7 @@ from .fourier import (
 )
 from .fsc import fsc_curve
 from .images import StackReader
+from .noise import radial_power
 from .particles import ParticleSet
 from .progress import Progress
 
@@ -247,17 +248,6 @@ def _whitening(spectrum: np.ndarray, shells: torch.Tensor, box: int) -> torch.Te
                         device=shells.device)
     s = s.clamp(min=float(s.max()) * 1e-6 + 1e-30)
     return 1.0 / s[shells.clamp(max=len(s) - 1)]
-
-
-def _radial_power(images: torch.Tensor) -> np.ndarray:
-    """(B, D, D) -> (D//2 + 1,) mean of |fft2c|²/D² per shell (noise.py's convention)."""
-    d = images.shape[-1]
-    p = (fft2c(images).abs() ** 2).mean(0).double().reshape(-1) / d**2
-    f = freq_1d(d, images.device)
-    shell = torch.round(torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)).long().reshape(-1)
-    keep = shell <= d // 2
-    sums = torch.zeros(d // 2 + 1, dtype=torch.float64, device=images.device).index_add_(0, shell[keep], p[keep])
-    return (sums / torch.bincount(shell[keep], minlength=d // 2 + 1).double().clamp(min=1)).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -732,7 +722,8 @@ def _noise_weights(ps: ParticleSet, reader: StackReader, spectrum, coef: _Coeffi
     power = np.zeros(box // 2 + 1)
     for lo in range(0, len(rows), 128):
         r = rows[lo:lo + 128]
-        power += _radial_power(torch.from_numpy(reader.read(ps.image_path[r], ps.image_index[r])).to(dev)) * len(r)
+        images = torch.from_numpy(reader.read(ps.image_path[r], ps.image_index[r])).to(dev)
+        power += radial_power(images).cpu().numpy() * len(r)
     power /= len(rows)
     if spectrum is None:
         shape = power

@@ -14,7 +14,8 @@ from .atomic import atomic_path
 from .errors import CryoforumError
 from .images import stack_shape
 from .particles import (ANGLE_COLUMNS, CORE_STAR_COLUMNS, STAR_CTF, TYPED_STAR_COLUMNS, UID_COLUMN, ParticleSet,
-                        check_box, check_quats, deterministic_uids, resolve_all, typed_from_star_columns)
+                        check_box, check_quats, deterministic_uids, finite_rows, resolve_all,
+                        typed_from_star_columns)
 
 _OPTICS_CTF = ("voltage", "cs", "amp_contrast")
 _CTF_DEFAULTS = {"defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0, "cs": 2.7, "amp_contrast": 0.1}
@@ -208,8 +209,7 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
             particles.pop(column) if column in particles else None
     particles["rlnOpticsGroup"] = group
     if ps.has_poses.any():
-        angles = np.full((len(ps), 3), np.nan)
-        angles[ps.has_poses] = geometry.quat_to_relion_euler(ps.quat[ps.has_poses])
+        angles = finite_rows(ps.quat, geometry.quat_to_relion_euler)
         for i, column in enumerate(ANGLE_COLUMNS):
             particles[column] = angles[:, i]
     particles["rlnOriginXAngst"] = ps.shift_A[:, 0]

@@ -183,11 +183,8 @@ class Trainer:
         raw = raw.to(self.device, non_blocking=True)
         flipped = phase_flipped(raw, ctf, ctf_rows, pixel_size) if self.cfg.phase_flip else None
         if augmented:
-            if flipped is None:
-                raw, target = augment(raw, target, self.gen, self.cfg.augment_psi, self.cfg.augment_shift)
-            else:
-                raw, target, flipped = augment(raw, target, self.gen, self.cfg.augment_psi, self.cfg.augment_shift,
-                                               also=flipped)
+            raw, target, flipped = augment(raw, target, self.gen, self.cfg.augment_psi, self.cfg.augment_shift,
+                                           also=flipped)
         return self.pre(raw, flipped), target
 
     def _inputs(self, rows, raw: torch.Tensor, augmented: bool):
@@ -197,12 +194,6 @@ class Trainer:
         grid_pixel, grid_box = float(self.ps.pixel_size[0]), int(self.ps.box[0])
         raw = to_model_grid(raw.to(self.device, non_blocking=True), self.ps.pixel_size[rows], grid_pixel, grid_box)
         return self._network_input(raw, target, augmented, self.ps.ctf, rows, grid_pixel)
-
-    def _l2(self) -> torch.Tensor:
-        if self.cfg.l2_head:
-            return self.model.l2_penalty()
-        return sum((m.weight**2).sum() for m in self.model.modules()
-                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m is not self.model.dense)
 
     def loss(self, out: dict, target: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, per-image geodesic error (B,) in radians)."""
@@ -216,7 +207,7 @@ class Trainer:
             i, j = sample_pairs(true_all, self.cfg.pairs_per_batch, self.cfg.pairs, self.gen)
             pred_d = self.loss_dist(out["quat"][i], out["quat"][j])
             total = total + b2 * (pred_d - true_all[i, j]).abs().mean()
-        total = total + self.cfg.l2 * self._l2()
+        total = total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head)
         return total, err.detach()
 
     def _step(self, x: torch.Tensor, target: torch.Tensor, progress: float) -> tuple[float, torch.Tensor]:
@@ -262,6 +253,7 @@ class Trainer:
         from .synthetic import MapParticleSimulator
 
         cfg, apix = self.cfg, float(self.ps.pixel_size[0])
+        train = self.ps.subset(self.split["train"])
         stored = self.out.synthetic() if self.pretrain_step > 0 else None
         if stored is not None:
             noise = NoiseModel.from_dict(stored["noise_model"])
@@ -273,7 +265,6 @@ class Trainer:
         else:
             t0 = time.time()
             vol, info = self.training_map()
-            train = self.ps.subset(self.split["train"])
             cached = self.source._cache
             images = None if cached is None else cached[torch.as_tensor(self.split["train"])]
             noise = estimate_noise_spectrum(train, vol, images=images, device=self.device, seed=cfg.seed)
@@ -288,7 +279,6 @@ class Trainer:
                 if info["map"] == RECONSTRUCTION:
                     self.out.write_training_map(vol, apix)
                 self.out.write_synthetic(info)
-        train = self.ps.subset(self.split["train"])
         sim_box = min(cfg.box, int(self.ps.box[0]))  # simulate at the training box: Fourier cropping commutes
         self.sim = MapParticleSimulator.from_particles(train, vol, apix, noise=noise, snr=info["snr"],
                                                        device=self.device, box=sim_box, per_image_snr=False)
