@@ -31,6 +31,7 @@ from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
 from cryoforum_plugin.particles import read_star  # noqa: E402
 from cryoforum_plugin.prediction import predict  # noqa: E402
 from cryoforum_plugin.simulation import simulate  # noqa: E402
+from cryoforum_plugin.train_config import PRESETS  # noqa: E402
 from cryoforum_plugin.training import Trainer, TrainConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "maps"
@@ -42,6 +43,10 @@ ROWS = {  # the paper's ablation rows: one change from the default each
     "symmetric_A": {"qcqp_param": "symmetric"}, "augment": {"augment_psi": True},
     "augment_symmetric_A": {"augment_psi": True, "qcqp_param": "symmetric"},
     "no_l2": {"l2": 0.0}, "quat_no_l2": {"head": "quat", "l2": 0.0},
+    # the presets (train_config.PRESETS; cpu: pre-training from the map of the training split, then 5 real epochs),
+    # without a time budget: a fixed number of steps, so rows compare whatever else runs on the machine
+    "preset_cpu": {**PRESETS["cpu"], "time_budget": 0}, "preset_gpu": {**PRESETS["gpu"], "time_budget": 0},
+    "preset_cpu_grid": {**PRESETS["cpu"], "time_budget": 0, "head": "grid"},
 }
 SCALES = {"cpu": dict(box=64, width=0.25, epochs=30, batch=64, lr=3e-3),
           "paper": dict(box=128, width=1.0, epochs=50, batch=256, lr=1e-3)}
@@ -82,7 +87,9 @@ def main(argv=None):
     ap.add_argument("--rows", default="default,quat,6d,single,siamese_noreg,no_blur,gaussian,max_pool,maxavg_pool")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--snr-sweep", action="store_true", help="rows = default at SNR clean, 1.0, 0.4, 0.1")
+    ap.add_argument("--snr-sweep", action="store_true", help="rows = --sweep-row at SNR clean, 1.0, 0.4, 0.1")
+    ap.add_argument("--sweep-row", default="default", help="the row the SNR sweep runs (e.g. preset_cpu)")
+    ap.add_argument("--snrs", default="0,1,0.4,0.1", help="the SNRs of the sweep (0 = clean)")
     ap.add_argument("--orientations", choices=["grid", "random"], default="grid")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seeds", default="42", help="comma-separated training seeds (split, initialisation, pairs); "
@@ -97,7 +104,9 @@ def main(argv=None):
     if args.epochs:
         scale["epochs"] = args.epochs
     sym = MAPS[args.map][1]
-    jobs = ([(f"snr_{s:g}", {}, s) for s in (0.0, 1.0, 0.4, 0.1)] if args.snr_sweep
+    prefix = "" if args.sweep_row == "default" else f"{args.sweep_row}_"
+    jobs = ([(f"{prefix}snr_{float(s):g}", ROWS[args.sweep_row], float(s)) for s in args.snrs.split(",")]
+            if args.snr_sweep
             else [(r, ROWS[r], args.snr) for r in args.rows.split(",")])
     results = {"scale": args.scale, "scale_settings": scale, "map": args.map, "sym": sym, "n": args.n,
                "orientations": args.orientations, "device": str(device), "torch": torch.__version__, "rows": {}}

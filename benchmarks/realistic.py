@@ -120,8 +120,11 @@ def step_timing(ps, cfg, steps: int = 20) -> dict:
     return out
 
 
-def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int) -> Path:
-    """relion_project particles: random poses, shifts up to 3 px, defocus 1-2.5 µm with astigmatism, white noise."""
+def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int, noise: str = "white") -> Path:
+    """relion_project particles: random poses, shifts up to 3 px, defocus 1-2.5 µm with astigmatism, and noise of
+    the given SNR: 'white' (relion_project --add_noise), or 'coloured' (relion_project's clean images plus Gaussian
+    noise of the spectrum ``noise.lorentzian_with_bump()``: strong low-frequency power falling to a floor, with a
+    bump near 1/12 Å⁻¹ — a colour unlike white, to test that training from the map measures and uses it)."""
     if (d / "parts.star").exists():
         return d / "parts.star"
     d.mkdir(parents=True, exist_ok=True)
@@ -143,9 +146,38 @@ def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int) -> Path:
     subprocess.run(["relion_project", "--i", "map.mrc", "--ang", "poses.star", "--o", "clean", "--ctf"], cwd=d,
                    check=True, capture_output=True)
     signal = float(mrcfile.mmap(d / "clean.mrcs").data[:500].var(axis=(1, 2)).mean())
-    subprocess.run(["relion_project", "--i", "map.mrc", "--ang", "poses.star", "--o", "parts", "--ctf", "--add_noise",
-                    "--white_noise", str(np.sqrt(signal / snr))], cwd=d, check=True, capture_output=True)
+    if noise == "white":
+        subprocess.run(["relion_project", "--i", "map.mrc", "--ang", "poses.star", "--o", "parts", "--ctf",
+                        "--add_noise", "--white_noise", str(np.sqrt(signal / snr))], cwd=d, check=True,
+                       capture_output=True)
+        return d / "parts.star"
+    from cryoforum_plugin.noise import coloured_noise, lorentzian_with_bump, relative_spectrum
+
+    spectrum = relative_spectrum(lorentzian_with_bump(), box, apix) * (signal / snr)  # per-pixel variance signal/snr
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.from_numpy(np.asarray(mrcfile.mmap(d / "clean.mrcs").data, dtype=np.float32))
+    noisy = torch.cat([c + coloured_noise(len(c), box, spectrum, gen) for c in clean.split(1000)]).numpy()
+    write_mrc(d / "parts.mrcs", noisy, apix)
+    star = starfile.read(d / "clean.star")
+    star["particles"]["rlnImageName"] = [f"{i + 1:06d}@parts.mrcs" for i in range(len(noisy))]
+    starfile.write(star, d / "parts.star")
+    np.save(d / "noise_spectrum.npy", spectrum)
     return d / "parts.star"
+
+
+def spectrum_agreement(info: dict | None, set_dir: Path) -> dict | None:
+    """How well training from the map measured the set's noise colour: the estimated spectrum (the trainer's noise
+    model) against the one the coloured set was made with, both normalised to unit mean over shells 1..Nyquist;
+    median and max |ratio - 1| over those shells (None for a white set or without pre-training)."""
+    true_file = set_dir / "noise_spectrum.npy"
+    if not info or "noise_model" not in info or not true_file.exists():
+        return None
+    est = np.asarray(info["noise_model"]["spectrum"], dtype=np.float64)[1:]
+    true = np.load(true_file)[1:]
+    ratio = (est / est.mean()) / (true / true.mean())
+    return {"median_abs_ratio_minus_1": float(np.median(np.abs(ratio - 1))),
+            "max_abs_ratio_minus_1": float(np.max(np.abs(ratio - 1))),
+            "estimated": [float(v) for v in est], "true": [float(v) for v in true]}
 
 
 def main(argv=None):
@@ -155,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--noise", choices=("white", "coloured"), default="white",
+                    help="the set's noise: white (relion_project), or coloured (noise.lorentzian_with_bump)")
     ap.add_argument("--options", default=None, help="named option sets (" + ", ".join(OPTIONS) + "); default: "
                     "all of them when no --row is given")
     ap.add_argument("--row", action="append", default=[], help="NAME:key=value,... (see the module docstring)")
@@ -169,8 +203,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.train_sizes.split(",")]
     n_test, n_val = 1000, 500
-    star = make_relion_set(args.work / f"set_b{args.box}_snr{args.snr:g}", max(sizes) + n_test + n_val, args.box,
-                           args.snr, seed=3)
+    suffix = "" if args.noise == "white" else f"_{args.noise}"
+    star = make_relion_set(args.work / f"set_b{args.box}_snr{args.snr:g}{suffix}", max(sizes) + n_test + n_val,
+                           args.box, args.snr, seed=3, noise=args.noise)
     ps = read_star(star)
     n = len(ps)
     test_fraction, val_fraction = n_test / n, n_val / n
@@ -190,9 +225,9 @@ def main(argv=None):
             print(name, json.dumps(step_timing(ps, cfg)), flush=True)
         return
     out_json = args.json or args.work / "realistic.json"
-    results = {"set": str(star), "particles": n, "box": args.box, "snr": args.snr, "epochs": args.epochs,
+    results = {"set": str(star), "noise": args.noise, "particles": n, "box": args.box, "snr": args.snr, "epochs": args.epochs,
                "width": args.width, "batch": args.batch, "lr": args.lr, "rows": []}
-    print(f"relion_project set: {n} particles, {args.box} px, SNR {args.snr}; test {n_test} held out; "
+    print(f"relion_project set: {n} particles, {args.box} px, SNR {args.snr}, {args.noise} noise; test {n_test} held out; "
           f"width {args.width}, {args.epochs} epochs (real), batch {args.batch}, lr {args.lr}")
     print(f"{'row':<34}{'train n':>8}{'pre steps':>10}{'epochs':>7}{'val best':>9}{'test med':>9}{'mean':>7}"
           f"{'p90':>7}{'s':>7}")
@@ -217,6 +252,7 @@ def main(argv=None):
                    "test_median_deg": float(np.median(test)), "test_mean_deg": float(np.mean(test)),
                    "test_p90_deg": float(np.percentile(test, 90)), "train_seconds": round(seconds, 1),
                    "synthetic": {k: v for k, v in (trainer.synthetic_info or {}).items() if k != "noise_model"},
+                   "noise_spectrum_vs_true": spectrum_agreement(trainer.synthetic_info, set_dir),
                    "log": trainer.log}
             results["rows"].append(row)
             print(f"{name:<34}{row['train_particles']:>8}{cfg.pretrain_steps:>10}{cfg.epochs:>7}"

@@ -58,6 +58,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every process (the value itself when not distributed)."""
+    if not dist.is_initialized():
+        return int(value)
+    box = [int(value)]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 def shard(n: int) -> np.ndarray:
     """This process's contiguous block of row indices out of ``n``."""
     r, w = rank(), world_size()

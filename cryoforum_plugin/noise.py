@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .fourier import as_tensor, fft2c, ifft2c, pad_real, radius_2d, resize_volume
+from .fourier import as_tensor, fft2c, ifft2c, radius_2d
 
 
 def n_shells(box: int) -> int:
@@ -128,21 +128,6 @@ class NoiseModel:
                    float("nan") if snr is None else float(snr), float(d["pixel_size"]), int(d["box"]))
 
 
-def _map_on_particle_grid(reference_map, box: int, pixel_size: float, map_pixel_size, device) -> torch.Tensor:
-    vol = reference_map
-    if not isinstance(vol, (np.ndarray, torch.Tensor)):  # a path
-        from .images import read_map
-
-        vol, apix = read_map(vol)
-        map_pixel_size = apix if map_pixel_size is None else map_pixel_size
-    vol = as_tensor(vol, device)
-    d = vol.shape[-1]
-    if map_pixel_size is None:  # assume the same physical extent as the particle box
-        return resize_volume(vol, box)
-    d_new = int(round(d * float(map_pixel_size) / pixel_size))  # same pixel size as the particles
-    return pad_real(resize_volume(vol, d_new), box, 3)
-
-
 def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particles: int = 2000, device=None,
                             map_pixel_size: float | None = None, images=None, seed: int = 0) -> NoiseModel:
     """Noise and signal spectra of particles with poses, from residuals against a reference map.
@@ -159,6 +144,7 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
     Particles are assumed to share one box and pixel size (the first row's).
     """
     from .ctf import ctf_2d
+    from .map_grid import map_on_particle_grid
     from .projection import Projector
 
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -168,7 +154,7 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
     if len(rows) > max_particles:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_particles, replace=False))
     box, apix = int(ps.box[rows[0]]), float(ps.pixel_size[rows[0]])
-    projector = Projector(_map_on_particle_grid(reference_map, box, apix, map_pixel_size, device), device=device)
+    projector = Projector(map_on_particle_grid(reference_map, box, apix, map_pixel_size, device), device=device)
     reader = None
     if images is None:
         from .images import StackReader

@@ -20,7 +20,7 @@ from .uncertainty import dispersions, figure_of_merit, trace_scale
 
 @dataclasses.dataclass
 class Prediction:
-    """Per-particle results: quat (N, 4), evals (N, 4) or None (non-QCQP heads), dispersions {'max','trace'},
+    """Per-particle results: quat (N, 4), evals (N, 4) or None (heads without them), dispersions {'max','trace'},
     fom (N,), and the throughput."""
 
     quat: np.ndarray
@@ -69,7 +69,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     n = len(ps)
     mine = distributed.shard(n)  # all rows when not distributed
     quat = np.zeros((n, 4), np.float32)
-    evals = np.zeros((n, 4), np.float32) if cfg["head"] == "qcqp" else None
+    evals = np.zeros((n, 4), np.float32) if net.has_evals else None  # QCQP and grid heads
     angles = [360.0 * k / tta for k in range(tta)]
     bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main(), events=events)
     workers = auto_workers(device) if workers < 0 else workers

@@ -56,16 +56,15 @@ from .ctf import ctf_2d
 from .devices import resolve_device
 from .errors import CryoforumError
 from .fourier import (
-    as_tensor,
     fft2c,
     fft3c,
     freq_1d,
     pad_real,
     radius_3d,
-    resize_volume,
 )
 from .fsc import fsc_curve
 from .images import StackReader
+from .map_grid import map_on_particle_grid
 from .noise import radial_power
 from .particles import ParticleSet
 from .progress import Progress
@@ -129,22 +128,6 @@ def _ball(radius: float) -> np.ndarray:
     g = g[np.linalg.norm(g, axis=1) <= radius + 1e-6]
     order = np.argsort(np.linalg.norm(g, axis=1), kind="stable")
     return g[order].astype(np.float64)
-
-
-def global_grid(spacing_deg: float, sym: str = "C1") -> np.ndarray:
-    """A near-uniform SO(3) grid (G, 4) of about ``spacing_deg`` steps: Fibonacci viewing directions × in-plane
-    angles, reduced to the asymmetric unit of ``sym`` (the poses whose canonical member is themselves)."""
-    step = np.radians(spacing_deg)
-    n_dir = max(2, math.ceil(4 * np.pi / step**2))
-    n_psi = max(1, math.ceil(360.0 / spacing_deg))
-    i = np.arange(n_dir) + 0.5
-    tilt = np.degrees(np.arccos(1 - 2 * i / n_dir))
-    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
-    psi = np.arange(n_psi) * 360.0 / n_psi
-    q = geometry.relion_euler_to_quat(np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psi, n_dir))
-    if symmetry.order(sym) > 1:
-        q = q[symmetry.in_asu(q, sym, tol=1e-5)]
-    return q
 
 
 # ------------------------------------------------------------------------------------------ building blocks
@@ -518,31 +501,9 @@ def _prepare_reference(reference, reference_pixel_size: float, box: int, apix: f
     if not reference_pixel_size or not np.isfinite(reference_pixel_size) or reference_pixel_size <= 0:
         raise CryoforumError(f"invalid reference pixel size {reference_pixel_size}.",
                              fix="pass the map's pixel size in Å (reference_pixel_size).")
-    out = {}
-    for h, vol in maps.items():
-        if h == 2 and maps[2] is maps[1]:
-            out[2] = out[1]
-            continue
-        v = vol.detach().cpu().numpy() if isinstance(vol, torch.Tensor) else np.asarray(vol)
-        if v.ndim != 3 or len(set(v.shape)) != 1:
-            raise CryoforumError(f"the reference must be a cubic 3-D map, got shape {v.shape}.",
-                                 fix="pass a (D, D, D) map (pad it to a cube).")
-        if not np.isfinite(v).all():
-            raise CryoforumError("the reference map contains NaN or infinite values.", fix="pass a finite map.")
-        d = v.shape[0]
-        n_new = d * reference_pixel_size / apix
-        m = round(n_new)
-        tol = 0.25 / (box / 2)  # ≤ 1/4 px of scale error at the particles' Nyquist
-        if m < 8 or abs(d * reference_pixel_size / m - apix) / apix > tol:
-            raise CryoforumError(
-                f"the reference ({d} px at {reference_pixel_size:g} Å/px) cannot be resampled to the particles' "
-                f"pixel size {apix:g} Å: that needs a box of {n_new:.2f} px, not a whole number (pixel-size "
-                f"mismatch {abs(d * reference_pixel_size / max(m, 1) - apix) / apix:.1%} > {tol:.1%}).",
-                fix="resample the map to the particles' pixel size (e.g. relion_image_handler --rescale_angpix "
-                    f"{apix:g} --new_box {box}), or check reference_pixel_size.")
-        t = as_tensor(v, device)
-        t = resize_volume(t, m) if m != d else t
-        out[h] = pad_real(t, box, 3).contiguous()
+    out = {h: map_on_particle_grid(maps[h], box, apix, reference_pixel_size, device, what="reference")
+           for h in ((1,) if maps[2] is maps[1] else (1, 2))}
+    out.setdefault(2, out[1])
     return out
 
 
@@ -629,7 +590,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
 
     def grid_q():  # the global grid, made on first use
         if not grid_cache:
-            grid_cache.append(torch.as_tensor(global_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32, device=dev))
+            grid_cache.append(torch.as_tensor(symmetry.so3_grid(GLOBAL_SPACING_DEG, sym), dtype=torch.float32, device=dev))
         return grid_cache[0]
 
     def run(rows_sel: np.ndarray, is_global: bool, label: str) -> None:

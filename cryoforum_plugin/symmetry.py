@@ -9,6 +9,7 @@ The element sets are checked in the tests against ``relion_refine --sym G --prin
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import numpy as np
@@ -134,3 +135,21 @@ def chance_median_error(name: str, n: int = 20000, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     a, b = geometry.random_quats(n, rng), geometry.random_quats(n, rng)
     return float(np.median(symmetric_geodesic(a, b, group_quats(name))))
+
+
+def so3_grid(spacing_deg: float, sym: str = "C1") -> np.ndarray:
+    """A near-uniform SO(3) grid (G, 4) of about ``spacing_deg`` steps: Fibonacci viewing directions × in-plane
+    angles, reduced to the asymmetric unit of ``sym`` (the poses whose canonical member is themselves). The global
+    search of refinement.py and the grid head of model.py use it (here, not in geometry.py: it needs the groups,
+    and this module imports geometry)."""
+    step = np.radians(spacing_deg)
+    n_dir = max(2, math.ceil(4 * np.pi / step**2))
+    n_psi = max(1, math.ceil(360.0 / spacing_deg))
+    i = np.arange(n_dir) + 0.5
+    tilt = np.degrees(np.arccos(1 - 2 * i / n_dir))
+    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
+    psi = np.arange(n_psi) * 360.0 / n_psi
+    q = geometry.relion_euler_to_quat(np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psi, n_dir))
+    if order(sym) > 1:
+        q = q[in_asu(q, sym, tol=1e-5)]
+    return q

@@ -20,6 +20,7 @@ class TrainConfig:
     pooling: str = _D["pooling"]
     head: str = _D["head"]
     qcqp_param: str = _D["qcqp_param"]
+    grid_spacing: float = _D["grid_spacing"]
     width: float = _D["width"]
     drop_last: bool = _D["drop_last"]
     dropout: float = _D["dropout"]
@@ -42,6 +43,7 @@ class TrainConfig:
     from_map: str | None = _D["from_map"]
     pretrain_steps: int = _D["pretrain_steps"]
     pretrain_log_every: int = _D["pretrain_log_every"]
+    time_budget: float = _D["time_budget"]
     synthetic_snr: float | None = _D["synthetic_snr"]
     synthetic_snr_start: float | None = _D["synthetic_snr_start"]
     synthetic_snr_anneal: float = _D["synthetic_snr_anneal"]
@@ -58,13 +60,16 @@ class TrainConfig:
     def from_args(cls, args) -> "TrainConfig":
         """From an argparse namespace or a dict with the option names (others ignored). With ``preset`` (cpu,
         gpu, paper, auto = gpu on a GPU else cpu), the preset's value replaces every option left at its
-        plugin.yaml default."""
+        plugin.yaml default; a --pretrain-steps the user gave turns the preset's --time-budget off."""
         values = dict(vars(args) if not isinstance(args, dict) else args)
         preset = values.get("preset")
         if preset:
+            given = {name for name in _D if values.get(name, _D[name]) != _D[name]}
             for name, value in PRESETS[resolve_preset(preset, values.get("device"))].items():
-                if values.get(name, _D[name]) == _D[name]:
+                if name not in given:
                     values[name] = value
+            if "pretrain_steps" in given and "time_budget" not in given:
+                values["time_budget"] = _D["time_budget"]  # the user's step count, not the preset's time budget
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
                       if f.name in values and values[f.name] is not None})
 
@@ -84,11 +89,12 @@ class TrainConfig:
 PRESETS = {
     # the paper's configuration (Supplementary Table 1): plugin.yaml's defaults
     "paper": {},
-    # measured best within ~30 min on 2 CPU cores at 64 px (benchmarks/RESULTS.md, realistic set, 2,000 particles:
-    # 15.7° held-out median against 97° for the paper's configuration)
+    # measured best within ~30 min on 2 CPU cores at 64 px (benchmarks/RESULTS.md 3b, realistic set, 2,000
+    # particles; the paper's configuration: 97°): pre-training sized to a 28-minute training on this machine
+    # (3,000 steps, 16.6° in 20 min on a quiet 2-core machine, is where the budget starts counting from)
     "cpu": dict(box=64, width=0.25, batch=64, lr=3e-3, epochs=5, augment_psi=True, qcqp_param="symmetric",
-                pretrain_steps=3000, pretrain_log_every=250, synthetic_snr_start=1.0, synthetic_snr_anneal=0.75,
-                beta1_floor=0.25, l2_head=False),
+                pretrain_steps=3000, time_budget=28.0, pretrain_log_every=250, synthetic_snr_start=1.0,
+                synthetic_snr_anneal=0.75, beta1_floor=0.25, l2_head=False),
     # the cpu preset's levers at the paper's scale (128 px, full width); not yet measured on a GPU
     "gpu": dict(box=128, width=1.0, batch=256, lr=1e-3, epochs=10, augment_psi=True, qcqp_param="symmetric",
                 pretrain_steps=20000, pretrain_log_every=1000, synthetic_snr_start=1.0, synthetic_snr_anneal=0.75,
@@ -114,5 +120,5 @@ def build(config: TrainConfig, mean: float = 0.0, std: float = 1.0) -> tuple[Pre
     """The preprocessing module and the network for a configuration."""
     pre = Preprocess(config.box, config.blur, mean, std, phase_flip=config.phase_flip)
     net = OrientationNet(pre.channels, config.head, config.pooling, config.width, config.drop_last, config.dropout,
-                         config.qcqp_param)
+                         config.qcqp_param, grid_spacing=config.grid_spacing, sym=config.sym)
     return pre, net

@@ -6,6 +6,14 @@ with the curriculum β1 = max(floor, √(t/T)/2), β2 = 1 - √(t/T) ('siamese';
 ('siamese_noreg'); or β1 = 1/2, β2 = 0 ('single', one branch). d is the geodesic distance 2 acos|<p,q>| or, with
 ``distance_loss='chordal'``, 2 - 2|<p,q>|; symmetry-aware (minimum over the point group) with --sym.
 
+The grid head (``head='grid'``, a classification over the SO(3) grid of model.py) has its own loss instead:
+    -mean_i Σ_g t_i(g) log softmax(logits_i)(g)  +  l2 · Σ w²,   t_i(g) ∝ exp(-d(g, q_i)² / (2σ²))
+the cross-entropy against soft targets around the true orientation (d symmetry-aware as above), with σ annealed
+geometrically from 3 grid spacings at the start to 0.75 at the end (``grid_sigma``). The Siamese distance term,
+the curriculum (``loss``) and ``distance_loss`` do not apply to it: the targets already teach every distance,
+and the distribution, not a distance between two predictions, is what the head outputs. Reported errors are
+the geodesic errors of its mode, as for the other heads.
+
 Training from a map (issue 14): with ``pretrain_steps`` > 0 the first steps see only synthetic particles, freshly
 simulated on the training device for every batch (synthetic.MapParticleSimulator): projections of the map
 (``from_map``, or by default a reconstruction of the TRAINING split at its poses, FSC-weighted from its half-maps)
@@ -52,6 +60,29 @@ def curriculum(mode: str, progress: float, beta1_floor: float = 0.0) -> tuple[fl
     return (0.0 if mode == "siamese_noreg" else max(beta1_floor, s / 2)), 1.0 - s
 
 
+def grid_sigma(progress: float, spacing_rad: float) -> float:
+    """Width σ (radians) of the grid head's soft targets at training progress t/T in [0, 1]: geometric from
+    3 grid spacings at t = 0 to 0.75 at t = 1 (wide targets first, so the first steps learn the coarse
+    orientation from every neighbouring class; at the end about one grid step, the resolution of the grid)."""
+    t = min(max(progress, 0.0), 1.0)
+    return 3.0 * spacing_rad * 0.25**t
+
+
+def grid_targets(grid: torch.Tensor, target: torch.Tensor, group: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Soft targets of the grid head, (B, G): t(g) ∝ exp(-d(g, q)² / (2σ²)) over the grid rotations ``grid``
+    (G, 4) for each target ``q`` (B, 4), d the symmetry-aware geodesic (``group`` (S, 4)), σ in radians."""
+    with torch.no_grad():
+        grid = grid.to(device=target.device, dtype=target.dtype)
+        d = symmetry.symmetric_geodesic(grid[None], target[:, None], group.to(target.dtype))  # (B, G)
+        return torch.softmax(-(d**2) / (2 * sigma**2), dim=1)
+
+
+def grid_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the cross-entropy -Σ_g t(g) log softmax(logits)(g), logits and targets (B, G);
+    minimal (the entropy of t) at logits = log t + c."""
+    return -(soft * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 def symmetric_chordal(p: torch.Tensor, q: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """min over g of the squared quaternion chordal distance 2 - 2|<p, q ⊗ g>| (in [0, 2]; ≈ θ²/4 for small
     angles θ). p, q: (..., 4); group: (G, 4)."""
@@ -73,6 +104,20 @@ def fsc_weighted(maps: dict) -> tuple[np.ndarray, np.ndarray]:
     shell = torch.round(radius_3d(d)).long().clamp(max=len(weight) - 1)
     w = torch.as_tensor(weight)[shell]
     return ifft3c(fft3c(vol) * w).real.float().numpy(), curve
+
+
+BUDGET_CALIBRATION_STEPS = 20  # pre-training steps timed before --time-budget sizes the rest
+
+
+def plan_pretrain_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, steps_done: int,
+                        log_every: int, real_steps: int, real_evals: int) -> int:
+    """Pre-training steps (in all, ``steps_done`` included) that end a training at ``budget_s`` seconds: after
+    ``elapsed_s`` spent so far, every further step costs ``step_s`` seconds plus one validation (``eval_s``) per
+    ``log_every`` steps, and the real epochs cost ``real_steps`` steps and ``real_evals`` validations. Never fewer
+    than ``steps_done``."""
+    left = budget_s - elapsed_s - real_steps * step_s - real_evals * eval_s
+    per_step = step_s + eval_s / max(log_every, 1)
+    return max(int(steps_done), int(steps_done + max(left, 0.0) // max(per_step, 1e-9)))
 
 
 def sample_pairs(true_dist: torch.Tensor, n_pairs: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +156,11 @@ class Trainer:
             raise CryoforumError("the map to pre-train from does not exist.", path=config.from_map,
                                  fix="pass the consensus map (.mrc) to --from-map, or leave it out to use a "
                                      "reconstruction of the training particles.")
+        self._created = time.time()  # --time-budget counts from here
+        if config.time_budget and not config.pretrain_steps:
+            raise CryoforumError("--time-budget sizes the pre-training, which is off (--pretrain-steps 0).",
+                                 fix="give --pretrain-steps N (any N > 0: the budget replaces it) or --preset cpu, "
+                                     "or leave --time-budget out.")
         self.rank, self.world = distributed.init_from_env()
         device = distributed.local_device(device)
         self.ps, self.out, self.cfg, self.device = ps, ModelDir(out_dir), config, device
@@ -152,15 +202,36 @@ class Trainer:
             raise CryoforumError("nothing to train: --epochs 0 and --pretrain-steps 0.",
                                  fix="give --epochs and/or --pretrain-steps.")
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.99))
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=config.lr, total_steps=self.total_steps,
-                                                         cycle_momentum=True, base_momentum=0.85,
-                                                         max_momentum=0.95)
+        self.sched = self._one_cycle()
         self.epoch, self.best = 0, float("inf")
         self.log: list[dict] = []
         self.pretrain_step = 0
         self.sim = None
         self.sim_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 7 + self.rank)
         self.synthetic_info: dict | None = None
+
+    def _one_cycle(self, steps_done: int = 0):
+        """The one-cycle schedule over ``self.total_steps``, advanced by ``steps_done`` steps."""
+        sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=self.cfg.lr, total_steps=self.total_steps,
+                                                    cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+        for _ in range(steps_done):
+            sched.step()
+        return sched
+
+    def _plan_budget(self, step_s: float, eval_s: float) -> None:
+        """--time-budget: set ``pretrain_steps`` (and the schedule) so the training ends in the budget."""
+        cfg = self.cfg
+        n = plan_pretrain_steps(60.0 * cfg.time_budget, time.time() - self._created, step_s, eval_s,
+                                self.pretrain_step, cfg.pretrain_log_every, cfg.epochs * self.steps_per_epoch,
+                                cfg.epochs)
+        n = distributed.broadcast_int(n)  # every rank runs the same number of steps
+        cfg.pretrain_steps = n
+        self.total_steps = n + cfg.epochs * self.steps_per_epoch
+        self.sched = self._one_cycle(self.pretrain_step)
+        if self.rank == 0:
+            self._write_meta()
+        self.events.message(f"[cryo-forum] time budget {cfg.time_budget:g} min: {step_s:.3f} s per step, "
+                            f"{eval_s:.1f} s per validation -> {n} pre-training steps")
 
     # ------------------------------------------------------------------ distances
     def dist(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -199,6 +270,9 @@ class Trainer:
         """(total loss, per-image geodesic error (B,) in radians)."""
         b1, b2 = curriculum(self.cfg.loss, progress, self.cfg.beta1_floor)
         err = self.dist(out["quat"], target)
+        if self.cfg.head == "grid":  # soft-target cross-entropy, no Siamese term (module docstring)
+            total = self.grid_loss(out["logits"], target, progress)
+            return total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head), err.detach()
         d = err if self.cfg.distance_loss == "geodesic" else self.loss_dist(out["quat"], target)
         total = b1 * 2 * d.mean()
         if b2 > 0 and len(target) > 1:
@@ -209,6 +283,11 @@ class Trainer:
             total = total + b2 * (pred_d - true_all[i, j]).abs().mean()
         total = total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head)
         return total, err.detach()
+
+    def grid_loss(self, logits: torch.Tensor, target: torch.Tensor, progress: float) -> torch.Tensor:
+        """The grid head's loss at ``progress``: ``grid_cross_entropy`` over the network's grid, σ = ``grid_sigma``."""
+        sigma = grid_sigma(progress, math.radians(self.cfg.grid_spacing))
+        return grid_cross_entropy(logits, grid_targets(self.model.grid, target, self.group, sigma))
 
     def _step(self, x: torch.Tensor, target: torch.Tensor, progress: float) -> tuple[float, torch.Tensor]:
         """One optimiser step; (loss, per-image error)."""
@@ -229,11 +308,11 @@ class Trainer:
     def training_map(self) -> tuple[np.ndarray, dict]:
         """(map on the particles' grid (box³ at their pixel size), provenance): ``from_map`` resampled, or the
         FSC-weighted reconstruction of the training split (never validation or test particles)."""
-        from .noise import _map_on_particle_grid
+        from .map_grid import map_on_particle_grid
 
         box, apix = int(self.ps.box[0]), float(self.ps.pixel_size[0])
         if self.cfg.from_map:
-            vol = _map_on_particle_grid(self.cfg.from_map, box, apix, None, "cpu").numpy()
+            vol = map_on_particle_grid(self.cfg.from_map, box, apix, device="cpu").numpy()
             return vol, {"map": self.cfg.from_map}
         from .fsc import resolution
         from .reconstruction import reconstruct
@@ -310,10 +389,13 @@ class Trainer:
     def _pretrain(self) -> None:
         cfg = self.cfg
         self._setup_synthetic()
-        while self.pretrain_step < cfg.pretrain_steps:
+        planning = cfg.time_budget > 0 and self.pretrain_step == 0
+        while self.pretrain_step < cfg.pretrain_steps or planning:
             t0 = time.time()
             self.net.train()
             chunk = min(cfg.pretrain_log_every, cfg.pretrain_steps - self.pretrain_step)
+            if planning:
+                chunk = BUDGET_CALIBRATION_STEPS
             bar = Progress(chunk * cfg.batch, f"pre-training {self.pretrain_step + 1}-{self.pretrain_step + chunk}"
                            f"/{cfg.pretrain_steps}", enabled=self.progress, events=self.events)
             losses, errs, self.gnorms, sim_seconds = [], [], [], 0.0
@@ -329,9 +411,13 @@ class Trainer:
                 self.pretrain_step += 1
                 bar.update(cfg.batch)  # polls the events for an abort
             bar.close()
+            t_eval = time.time()
             row = self._row(losses, errs, time.time() - t0, synthetic=True, sim_seconds=sim_seconds)
             self._end_of_row(row, f"pre-training step {self.pretrain_step:5d}/{cfg.pretrain_steps}  "
                                   f"SNR {row['snr']:.3g}")
+            if planning:  # validation and checkpoint included in the cost of a log row
+                self._plan_budget((t_eval - t0) / chunk, time.time() - t_eval)
+                planning = False
 
     # ------------------------------------------------------------------ loop
     @torch.no_grad()
@@ -438,7 +524,11 @@ class Trainer:
         state = self.out.last_state(self.device)
         if state is None:
             return False
-        if TrainConfig.from_dict(state["config"]) != self.cfg:
+        stored = TrainConfig.from_dict(state["config"])
+        if self.cfg.time_budget and stored.time_budget == self.cfg.time_budget:
+            self.cfg.pretrain_steps = stored.pretrain_steps  # the count the budget chose
+            self.total_steps = self.cfg.pretrain_steps + self.cfg.epochs * self.steps_per_epoch
+        if stored != self.cfg:
             raise CryoforumError("the checkpoint was trained with other options.", path=self.out.path / "last.pt",
                                  fix="resume with the same options, or train into a new --out directory.")
         self.pre.load_state_dict(state["preprocess"])

@@ -99,3 +99,15 @@ def relion_set(relion, small_map, tmp_path_factory):
                 "--add_noise", "--white_noise", str(noise)], cwd=d)
     return {"dir": d, "quat": quat, "shift_A": shift, "pixel_size": apix, "box": box, "noise_std": noise,
             "map": vol}
+
+
+@pytest.fixture(scope="session")
+def small_sim_set(tmp_path_factory):
+    """300 simulated particles of the default map, 32 px, SNR 10, shifts up to 2 px: the set the pre-training
+    tests (tests/test_train_from_map.py, tests/test_grid_head.py) learn on."""
+    from cryoforum_plugin.particles import read_star
+    from cryoforum_plugin.simulation import simulate
+
+    d = tmp_path_factory.mktemp("small_sim")
+    simulate(DEFAULT_MAP, d / "sim", n=300, box=32, snr=10.0, max_shift=2.0, seed=5, progress=False)
+    return read_star(d / "sim" / "particles.star")

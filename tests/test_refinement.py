@@ -23,7 +23,6 @@ from cryoforum_plugin.reconstruction import reconstruct
 from cryoforum_plugin.refinement import (
     _quat_to_matrix,
     _rotvec_to_quat,
-    global_grid,
     refine,
 )
 from cryoforum_plugin.simulation import resized_map
@@ -98,14 +97,14 @@ def test_torch_rotation_helpers_match_geometry():
 
 @pytest.mark.parametrize("sym", ["C1", "D2"])
 def test_global_grid_covers_rotation_space(sym):
-    grid = global_grid(12.5, sym)
+    grid = symmetry.so3_grid(12.5, sym)
     g = symmetry.group_quats(sym)
     assert symmetry.in_asu(grid, sym).all()
     probe = geometry.random_quats(300, np.random.default_rng(1))
     # the symmetry-aware distance of any rotation to its nearest grid point stays below one grid step
     d = [np.degrees(symmetry.symmetric_geodesic(p[None], grid, g).min()) for p in probe]
     assert np.max(d) < 12.5, np.max(d)
-    assert abs(len(grid) * symmetry.order(sym) / len(global_grid(12.5, "C1")) - 1) < 0.1
+    assert abs(len(grid) * symmetry.order(sym) / len(symmetry.so3_grid(12.5, "C1")) - 1) < 0.1
 
 
 def test_local_refinement_recovers_poses_and_shifts(asym):

@@ -4,6 +4,7 @@ works during and after pre-training, and the cheap levers (β1 floor, chordal lo
 phase-flipped channel) behave as documented."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,11 +14,9 @@ from cryoforum_plugin import geometry
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.evaluation import geodesic_errors
 from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.particles import read_star
 from cryoforum_plugin.prediction import predict
 from cryoforum_plugin.preprocess import Preprocess, phase_flipped
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.simulation import simulate
 from cryoforum_plugin.training import (
     RECONSTRUCTION,
     TrainConfig,
@@ -32,11 +31,9 @@ SMALL = dict(box=BOX, width=0.125, batch=32, lr=3e-3, head="quat", loss="single"
              val_fraction=0.2, test_fraction=0.3, seed=3)
 
 
-@pytest.fixture(scope="module")
-def particles(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fm")
-    simulate(DEFAULT_MAP, d / "sim", n=300, box=BOX, snr=10.0, max_shift=2.0, seed=5, progress=False)
-    return read_star(d / "sim" / "particles.star")
+@pytest.fixture
+def particles(small_sim_set):
+    return small_sim_set
 
 
 def test_pretraining_from_the_map_learns_far_below_chance_on_held_out_particles(particles, tmp_path):
@@ -155,3 +152,51 @@ def test_config_round_trip_keeps_the_new_options(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("pretrain_steps", "from_map", "phase_flip")}
     assert TrainConfig.from_dict(old) == TrainConfig()  # configs written before these options still load
+
+
+def test_time_budget_plan_accounts_for_every_cost():
+    from cryoforum_plugin.training import plan_pretrain_steps
+
+    # 600 s budget, 100 s spent, real epochs 50 steps + 2 validations; per pre-training step 1 s + 4 s / 10 steps
+    n = plan_pretrain_steps(600, 100, 1.0, 4.0, 20, 10, 50, 2)
+    assert n == 20 + int((600 - 100 - 50 - 8) // 1.4)
+    assert plan_pretrain_steps(60, 100, 1.0, 4.0, 20, 10, 50, 2) == 20  # already over budget: stop where we are
+
+
+def test_time_budget_sizes_the_pretraining_records_it_and_resumes(particles, tmp_path):
+    from cryoforum_plugin.errors import CryoforumError
+
+    base = dict(**SMALL, epochs=1, pretrain_log_every=10, from_map=str(DEFAULT_MAP))
+    with pytest.raises(CryoforumError, match="--time-budget sizes the pre-training"):
+        Trainer(particles, tmp_path / "off", TrainConfig(**base, pretrain_steps=0, time_budget=1.0),
+                torch.device("cpu"), progress=False)
+    events = Events()
+    said = []
+    events.message = said.append
+    cfg = TrainConfig(**base, pretrain_steps=10_000, time_budget=0.25)
+    t = Trainer(particles, tmp_path / "m", cfg, torch.device("cpu"), progress=False, events=events)
+    t0 = time.time()
+    t.train()
+    took = time.time() - t0
+    chosen = ModelDir(tmp_path / "m").config().pretrain_steps
+    assert 20 <= chosen < 10_000 and t.pretrain_step == chosen  # sized by the budget, not the initial 10,000
+    assert any(f"-> {chosen} pre-training steps" in m for m in said)
+    assert t.sched.total_steps == chosen + t.steps_per_epoch and t.log[-1]["step"] == chosen + t.steps_per_epoch
+    assert took < 3 * 15, took  # the budget bounds the training (generous: the machine may be shared)
+    # a resumed run keeps the chosen count (the stored configuration differs from the user's only there)
+    t2 = Trainer(particles, tmp_path / "m", TrainConfig(**base, pretrain_steps=10_000, time_budget=0.25),
+                 torch.device("cpu"), progress=False)
+    assert t2.resume() and t2.cfg.pretrain_steps == chosen and t2.total_steps == t.total_steps
+
+
+def test_a_map_at_an_incompatible_pixel_size_is_one_clear_error(particles, tmp_path):
+    from cryoforum_plugin.errors import CryoforumError
+    from cryoforum_plugin.images import read_map, write_mrc
+
+    vol, _ = read_map(DEFAULT_MAP)
+    bad = tmp_path / "map_wrong_pixel.mrc"
+    write_mrc(bad, vol, float(particles.pixel_size[0]) * 10.5 / vol.shape[0])  # 10.5 px at the particles' sampling
+    cfg = TrainConfig(**SMALL, epochs=0, pretrain_steps=2, from_map=str(bad))
+    with pytest.raises(CryoforumError, match="cannot be resampled") as err:
+        Trainer(particles, tmp_path / "m", cfg, torch.device("cpu"), progress=False).train()
+    assert str(bad) in str(err.value) and "relion_image_handler" in str(err.value)
