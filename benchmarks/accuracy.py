@@ -46,7 +46,7 @@ ROWS = {  # the paper's ablation rows: one change from the default each
     # the presets (train_config.PRESETS; cpu: pre-training from the map of the training split, then 5 real epochs),
     # without a time budget: a fixed number of steps, so rows compare whatever else runs on the machine
     "preset_cpu": {**PRESETS["cpu"], "time_budget": 0}, "preset_gpu": {**PRESETS["gpu"], "time_budget": 0},
-    "preset_cpu_grid": {**PRESETS["cpu"], "time_budget": 0, "head": "grid"},
+    "preset_cpu_qcqp": {**PRESETS["cpu"], "time_budget": 0, "head": "qcqp"},
 }
 SCALES = {"cpu": dict(box=64, width=0.25, epochs=30, batch=64, lr=3e-3),
           "paper": dict(box=128, width=1.0, epochs=50, batch=256, lr=1e-3)}

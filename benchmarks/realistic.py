@@ -89,6 +89,21 @@ def predict_quats(ps, model_dir, rows, batch: int = 256) -> np.ndarray:
     return geometry.normalize(np.concatenate(out).astype(np.float64))
 
 
+def held_out_report(ps, model_dir) -> dict:
+    """A trained model on its own held-out test split: median / mean / p90 error (degrees) and how well its
+    confidence ranks the errors (Spearman of uncertainty and error, AUROC of the uncertainty for an error > 15°)."""
+    from cryoforum_plugin.cleanup import auroc, spearman
+    from cryoforum_plugin.prediction import predict
+
+    split = json.loads((Path(model_dir) / "split.json").read_text())
+    rows = np.asarray(split["test"]["rows"] if isinstance(split["test"], dict) else split["test"])
+    pred = predict(ps.subset(rows), model_dir, device="cpu", progress=False)
+    err = np.degrees(geodesic_errors(pred.quat, ps.quat[rows]))
+    return {"test_median_deg": float(np.median(err)), "test_mean_deg": float(np.mean(err)),
+            "test_p90_deg": float(np.percentile(err, 90)), "spearman_uncertainty_error": spearman(-pred.fom, err),
+            "auroc_error_over_15deg": auroc(-pred.fom, err > 15), "fraction_over_15deg": float(np.mean(err > 15))}
+
+
 def step_timing(ps, cfg, steps: int = 20) -> dict:
     """ms per optimiser step (input preparation + forward + backward + update): freshly simulated batches vs
     cached real images, the same batch size, after 3 warm-up steps each."""
@@ -196,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--step-timing", action="store_true", help="only measure ms/step, simulated vs cached real")
+    ap.add_argument("--evaluate", type=Path, action="append", default=[],
+                    help="only report a trained model directory on its test split (errors and uncertainty ranking)")
     ap.add_argument("--json", type=Path, default=None, help="output JSON (default WORK/realistic.json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "realistic")
@@ -218,6 +235,10 @@ def main(argv=None):
     for spec in args.row:
         name, _, opts = spec.partition(":")
         rows.append((name, {**parse_options(args.base, set_dir), **parse_options(opts, set_dir)}))
+    if args.evaluate:
+        for model_dir in args.evaluate:
+            print(model_dir.name, json.dumps(held_out_report(ps, model_dir)), flush=True)
+        return
     if args.step_timing:
         for name, opts in rows:
             cfg = TrainConfig(**{**common, "max_particles": sizes[0], **opts,
