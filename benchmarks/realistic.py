@@ -70,25 +70,6 @@ def parse_options(text: str, set_dir: Path) -> dict:
     return out
 
 
-@torch.no_grad()
-def predict_quats(ps, model_dir, rows, batch: int = 256) -> np.ndarray:
-    """Predicted quaternions of ``rows`` (CPU), phase-flipped channel included when the model has one (what
-    prediction.py needs for such models)."""
-    from cryoforum_plugin.image_source import ImageSource
-    from cryoforum_plugin.model_dir import ModelDir
-    from cryoforum_plugin.preprocess import phase_flipped
-
-    pre, net, _ = ModelDir(model_dir).load("cpu")
-    source = ImageSource(ps.subset(rows), cache_bytes=0)
-    out = []
-    sub = ps.subset(rows)
-    for chunk, raw in source.batches(np.arange(len(rows)), batch):
-        flipped = phase_flipped(raw, sub.ctf, chunk, sub.pixel_size[chunk]) if pre.phase_flip else None
-        out.append(net(pre(raw, flipped))["quat"].float().numpy())
-    source.close()
-    return geometry.normalize(np.concatenate(out).astype(np.float64))
-
-
 def held_out_report(ps, model_dir) -> dict:
     """A trained model on its own held-out test split: median / mean / p90 error (degrees) and how well its
     confidence ranks the errors (Spearman of uncertainty and error, AUROC of the uncertainty for an error > 15°)."""
@@ -265,13 +246,10 @@ def main(argv=None):
             trainer = Trainer(ps, model, cfg, torch.device("cpu"), progress=False)
             trainer.train()
             seconds = time.time() - t0
-            test_rows = trainer.split["test"]
-            test = np.degrees(geodesic_errors(predict_quats(ps, model, test_rows), ps.quat[test_rows]))
             row = {"row": name, "options": {k: v for k, v in cfg.to_dict().items() if k in opts},
                    "train_particles": len(trainer.split["train"]), "pretrain_steps": cfg.pretrain_steps,
                    "epochs": cfg.epochs, "best_val_median_deg": float(np.degrees(trainer.best)),
-                   "test_median_deg": float(np.median(test)), "test_mean_deg": float(np.mean(test)),
-                   "test_p90_deg": float(np.percentile(test, 90)), "train_seconds": round(seconds, 1),
+                   **held_out_report(ps, model), "train_seconds": round(seconds, 1),
                    "synthetic": {k: v for k, v in (trainer.synthetic_info or {}).items() if k != "noise_model"},
                    "noise_spectrum_vs_true": spectrum_agreement(trainer.synthetic_info, set_dir),
                    "log": trainer.log}

@@ -501,9 +501,11 @@ def _prepare_reference(reference, reference_pixel_size: float, box: int, apix: f
     if not reference_pixel_size or not np.isfinite(reference_pixel_size) or reference_pixel_size <= 0:
         raise CryoforumError(f"invalid reference pixel size {reference_pixel_size}.",
                              fix="pass the map's pixel size in Å (reference_pixel_size).")
-    out = {h: map_on_particle_grid(maps[h], box, apix, reference_pixel_size, device, what="reference")
-           for h in ((1,) if maps[2] is maps[1] else (1, 2))}
-    out.setdefault(2, out[1])
+    def on_grid(vol):
+        return map_on_particle_grid(vol, box, apix, reference_pixel_size, device, what="reference")
+
+    out = {1: on_grid(maps[1])}
+    out[2] = out[1] if maps[2] is maps[1] else on_grid(maps[2])
     return out
 
 

@@ -197,7 +197,6 @@ class Trainer:
                 self.net, device_ids=[device] if device.type == "cuda" else None)
         self.per_rank = len(self.split["train"]) // self.world
         self.steps_per_epoch = math.ceil(self.per_rank / config.batch)
-        self.total_steps = config.pretrain_steps + config.epochs * self.steps_per_epoch
         if self.total_steps < 1:
             raise CryoforumError("nothing to train: --epochs 0 and --pretrain-steps 0.",
                                  fix="give --epochs and/or --pretrain-steps.")
@@ -209,6 +208,11 @@ class Trainer:
         self.sim = None
         self.sim_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + 7 + self.rank)
         self.synthetic_info: dict | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole training (per rank): pre-training plus the real epochs."""
+        return self.cfg.pretrain_steps + self.cfg.epochs * self.steps_per_epoch
 
     def _one_cycle(self, steps_done: int = 0):
         """The one-cycle schedule over ``self.total_steps``, advanced by ``steps_done`` steps."""
@@ -226,7 +230,6 @@ class Trainer:
                                 cfg.epochs)
         n = distributed.broadcast_int(n)  # every rank runs the same number of steps
         cfg.pretrain_steps = n
-        self.total_steps = n + cfg.epochs * self.steps_per_epoch
         self.sched = self._one_cycle(self.pretrain_step)
         if self.rank == 0:
             self._write_meta()
@@ -267,22 +270,27 @@ class Trainer:
         return self._network_input(raw, target, augmented, self.ps.ctf, rows, grid_pixel)
 
     def loss(self, out: dict, target: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, per-image geodesic error (B,) in radians)."""
-        b1, b2 = curriculum(self.cfg.loss, progress, self.cfg.beta1_floor)
+        """(total loss, per-image geodesic error (B,) in radians): the head's loss plus the L2 term."""
         err = self.dist(out["quat"], target)
         if self.cfg.head == "grid":  # soft-target cross-entropy, no Siamese term (module docstring)
             total = self.grid_loss(out["logits"], target, progress)
-            return total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head), err.detach()
-        d = err if self.cfg.distance_loss == "geodesic" else self.loss_dist(out["quat"], target)
+        else:
+            total = self.siamese_loss(out["quat"], err, target, progress)
+        return total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head), err.detach()
+
+    def siamese_loss(self, quat: torch.Tensor, err: torch.Tensor, target: torch.Tensor, progress: float):
+        """β1 · 2·mean d(q̂, q) + β2 · mean over in-batch pairs |d(q̂_i, q̂_j) - d(q_i, q_j)| (module docstring);
+        ``err`` (B,) is the geodesic d(q̂, q), reused when the loss distance is the geodesic."""
+        b1, b2 = curriculum(self.cfg.loss, progress, self.cfg.beta1_floor)
+        d = err if self.cfg.distance_loss == "geodesic" else self.loss_dist(quat, target)
         total = b1 * 2 * d.mean()
         if b2 > 0 and len(target) > 1:
             with torch.no_grad():
                 true_all = self.loss_dist(target[:, None, :], target[None, :, :])
             i, j = sample_pairs(true_all, self.cfg.pairs_per_batch, self.cfg.pairs, self.gen)
-            pred_d = self.loss_dist(out["quat"][i], out["quat"][j])
+            pred_d = self.loss_dist(quat[i], quat[j])
             total = total + b2 * (pred_d - true_all[i, j]).abs().mean()
-        total = total + self.cfg.l2 * self.model.l2_penalty(head=self.cfg.l2_head)
-        return total, err.detach()
+        return total
 
     def grid_loss(self, logits: torch.Tensor, target: torch.Tensor, progress: float) -> torch.Tensor:
         """The grid head's loss at ``progress``: ``grid_cross_entropy`` over the network's grid, σ = ``grid_sigma``."""
@@ -527,7 +535,6 @@ class Trainer:
         stored = TrainConfig.from_dict(state["config"])
         if self.cfg.time_budget and stored.time_budget == self.cfg.time_budget:
             self.cfg.pretrain_steps = stored.pretrain_steps  # the count the budget chose
-            self.total_steps = self.cfg.pretrain_steps + self.cfg.epochs * self.steps_per_epoch
         if stored != self.cfg:
             raise CryoforumError("the checkpoint was trained with other options.", path=self.out.path / "last.pt",
                                  fix="resume with the same options, or train into a new --out directory.")
