@@ -34,8 +34,8 @@ from cryoforum_plugin.simulation import simulate  # noqa: E402
 from cryoforum_plugin.train_config import PRESETS  # noqa: E402
 from cryoforum_plugin.training import Trainer, TrainConfig  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "maps"
-MAPS = {"asym": (SHARED / "5j0n_asym.mrc", "C1"), "betagal": (SHARED / "betagal_D2_100px_3.54A.mrc", "D2")}
+MAPS_DIR = ROOT / "benchmarks" / "data"  # real third-party maps, each with its licence file (README.md there)
+MAPS = {"asym": (MAPS_DIR / "5j0n_asym.mrc", "C1"), "betagal": (MAPS_DIR / "betagal_D2_100px_3.54A.mrc", "D2")}
 ROWS = {  # the paper's ablation rows: one change from the default each
     "default": {}, "quat": {"head": "quat"}, "6d": {"head": "6d"}, "single": {"loss": "single"},
     "siamese_noreg": {"loss": "siamese_noreg"}, "no_blur": {"blur": "none"}, "gaussian": {"blur": "gaussian"},

@@ -202,7 +202,8 @@ def main(argv=None):
     sizes = [int(s) for s in args.train_sizes.split(",")]
     n_test, n_val = 1000, 500
     suffix = "" if args.noise == "white" else f"_{args.noise}"
-    star = make_relion_set(args.work / f"set_b{args.box}_snr{args.snr:g}{suffix}", max(sizes) + n_test + n_val,
+    n_set = max(sizes) + n_test + n_val  # the set's size is fixed by the arguments (and named in its directory)
+    star = make_relion_set(args.work / f"set_n{n_set}_b{args.box}_snr{args.snr:g}{suffix}", n_set,
                            args.box, args.snr, seed=3, noise=args.noise)
     ps = read_star(star)
     n = len(ps)

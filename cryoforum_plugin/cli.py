@@ -14,7 +14,7 @@ from . import __version__, manifest
 from .errors import CryoforumError
 
 COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "refine", "evaluate", "filter",
-            "report", "demo", "cryosparc"]
+            "report", "run", "demo", "cryosparc"]
 
 
 def build_parser() -> argparse.ArgumentParser:

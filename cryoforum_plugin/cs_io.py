@@ -11,8 +11,8 @@ import numpy as np
 from . import geometry
 from .atomic import atomic_path
 from .errors import CryoforumError
-from .particles import (FOM_CS, JUNK_CS, PRIOR_POSE_CS, UNCERTAINTY_CS, ParticleSet, check_box, check_quats,
-                        finite_rows, resolve_all)
+from .particles import (FOM_CS, IMAGE_SIGN_CS, JUNK_CS, PREDICTED_POSE_CS, PRIOR_POSE_CS, UNCERTAINTY_CS, ParticleSet,
+                        check_box, check_quats, finite_rows, image_signs, resolve_all)
 
 CS_BLOB_FIELDS = [("blob/path", "O"), ("blob/idx", "u4"), ("blob/shape", "u4", (2,)), ("blob/psize_A", "f4"),
                   ("blob/sign", "f4"), ("blob/import_sig", "u8")]
@@ -25,10 +25,13 @@ CS_ALIGN_FIELDS = [("alignments3D/split", "u4"), ("alignments3D/shift", "f4", (2
                    ("alignments3D/psize_A", "f4"), ("alignments3D/error", "f4"), ("alignments3D/class_posterior", "f4"),
                    ("alignments3D/class", "u4")]
 CS_CRYOFORUM_FIELDS = [(UNCERTAINTY_CS["max"], "f4"), (UNCERTAINTY_CS["trace"], "f4"), (FOM_CS, "f4"),
-                       (JUNK_CS, "u4"), (PRIOR_POSE_CS, "f4", (3,))]
-"""The typed ParticleSet fields in a .cs: Bingham dispersions, figure of merit, junk label, and the prior pose
-(rotation vector, cryoSPARC convention; NaN where unknown). Written only for the fields that are set."""
-_CORE_CS_FIELDS = frozenset({"uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A", "ctf/df2_A",
+                       (JUNK_CS, "u4"), (PRIOR_POSE_CS, "f4", (3,)), (PREDICTED_POSE_CS, "f4", (3,))]
+"""The typed ParticleSet fields in a .cs: Bingham dispersions, figure of merit, junk label, the input's pose
+(``prior_pose``) and the network's prediction (``predicted_pose``), both rotation vectors in cryoSPARC's convention
+(radians; NaN where unknown); ``alignments3D/pose`` holds the current (predicted, then refined) pose. Written only
+for the fields that are set."""
+_CORE_CS_FIELDS = frozenset({"uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", IMAGE_SIGN_CS,
+                             "ctf/df1_A", "ctf/df2_A",
                              "ctf/df_angle_rad", "ctf/phase_shift_rad", "ctf/accel_kv", "ctf/cs_mm",
                              "ctf/amp_contrast", "ctf/exp_group_id", "alignments3D/pose", "alignments3D/shift",
                              "alignments3D/psize_A", "alignments3D/split"}
@@ -59,6 +62,7 @@ def read_cs(path, project_dir=None) -> ParticleSet:
 
 
 def _typed_fields(ds, fields) -> dict:
+    """The typed ParticleSet fields a Dataset holds (CS_CRYOFORUM_FIELDS, and ``image_sign`` from blob/sign)."""
     out = {}
     if all(UNCERTAINTY_CS[k] in fields for k in ("max", "trace")):
         out["uncertainty"] = {k: np.asarray(ds[UNCERTAINTY_CS[k]], np.float64) for k in ("max", "trace")}
@@ -66,13 +70,16 @@ def _typed_fields(ds, fields) -> dict:
         out["fom"] = np.asarray(ds[FOM_CS], np.float64)
     if JUNK_CS in fields:
         out["junk"] = np.asarray(ds[JUNK_CS]).astype(np.int64)
-    if PRIOR_POSE_CS in fields:
-        pose = np.asarray(ds[PRIOR_POSE_CS], np.float64)
-        prior = np.full((len(pose), 4), np.nan)
-        ok = np.isfinite(pose).all(axis=1)
-        if ok.any():
-            prior[ok] = geometry.cryosparc_pose_to_quat(pose[ok])
-        out["prior_quat"] = prior
+    for name, field in (("prior_quat", PRIOR_POSE_CS), ("predicted_quat", PREDICTED_POSE_CS)):
+        if field in fields:
+            pose = np.asarray(ds[field], np.float64)
+            quat = np.full((len(pose), 4), np.nan)
+            ok = np.isfinite(pose).all(axis=1)
+            if ok.any():
+                quat[ok] = geometry.cryosparc_pose_to_quat(pose[ok])
+            out[name] = quat
+    if IMAGE_SIGN_CS in fields:
+        out["image_sign"] = image_signs(ds[IMAGE_SIGN_CS])
     return out
 
 
@@ -184,6 +191,8 @@ def _write_typed(ps: ParticleSet, ds) -> None:
         values[JUNK_CS] = ps.junk
     if ps.prior_quat is not None:
         values[PRIOR_POSE_CS] = finite_rows(ps.prior_quat, geometry.quat_to_cryosparc_pose)
+    if ps.predicted_quat is not None:
+        values[PREDICTED_POSE_CS] = finite_rows(ps.predicted_quat, geometry.quat_to_cryosparc_pose)
     stale = [f for f in spec if f in ds.fields() and f not in values]
     if stale:
         ds.drop_fields(stale)
@@ -194,8 +203,9 @@ def _write_typed(ps: ParticleSet, ds) -> None:
 def to_dataset(ps: ParticleSet, project_dir=None, out_dir=None):
     """A cryoSPARC ``Dataset`` for the set: the original Dataset's fields kept (same uids), poses, shifts,
     CTF and half-sets written in cryoSPARC's convention (rotation vector, shift in pixels), the typed fields as
-    ``CS_CRYOFORUM_FIELDS`` and ``ps.numeric`` values with cryoSPARC field names. ``out_dir``: where the .cs will
-    live (blob paths that would no longer resolve from there are re-based)."""
+    ``CS_CRYOFORUM_FIELDS`` and ``ps.numeric`` values with cryoSPARC field names. ``blob/sign`` is ``ps.image_sign``
+    (the input's), or +1 for a set without one (STAR: RELION's contrast, particles.IMAGE_SIGN_CS). ``out_dir``:
+    where the .cs will live (blob paths that would no longer resolve from there are re-based)."""
     from cryosparc.dataset import Dataset
 
     src = ps.source
@@ -215,7 +225,7 @@ def to_dataset(ps: ParticleSet, project_dir=None, out_dir=None):
         ds["blob/idx"] = ps.image_index
         ds["blob/shape"] = np.stack([ps.box, ps.box], 1)
         ds["blob/psize_A"] = ps.pixel_size
-        ds["blob/sign"] = -1.0
+        ds[IMAGE_SIGN_CS] = 1.0  # RELION's contrast (light particles), unless the set says otherwise (below)
         if ps.ctf is not None:
             ds["ctf/type"] = np.array(["spline"] * len(ps), dtype=object)
             ds["ctf/exp_group_id"] = ps.optics_group - 1
@@ -243,6 +253,8 @@ def to_dataset(ps: ParticleSet, project_dir=None, out_dir=None):
         ds["alignments3D/psize_A"] = ps.pixel_size
         if (ps.half_set > 0).any():
             ds["alignments3D/split"] = np.clip(ps.half_set - 1, 0, 1)
+    if ps.image_sign is not None:  # the sign the input had (or a STAR's rlnCryoforumImageSign)
+        _set_field(ds, (IMAGE_SIGN_CS, "f4"), ps.image_sign)
     _write_typed(ps, ds)
     for name, values in ps.numeric.items():
         if "/" in name and name not in _CORE_CS_FIELDS:

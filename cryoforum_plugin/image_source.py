@@ -13,7 +13,7 @@ import torch
 from . import geometry
 from .errors import CryoforumError
 from .images import StackReader
-from .particles import ParticleSet
+from .particles import ParticleSet, apply_image_sign
 
 MAX_AUTO_WORKERS = 8
 
@@ -30,10 +30,11 @@ def auto_workers(device: torch.device) -> int:
 
 class _RowBatches(torch.utils.data.Dataset):
     """Item i = (rows, (B, N, N) images) of the i-th batch of rows; each loader process opens its own files.
-    A CryoforumError travels back as its fields, so the main process prints it as one line."""
+    ``signs``: (N,) contrast signs (ParticleSet.image_sign) or None. A CryoforumError travels back as its fields,
+    so the main process prints it as one line."""
 
-    def __init__(self, paths: np.ndarray, indices: np.ndarray, batches: Sequence[np.ndarray]):
-        self.paths, self.indices, self.batches = paths, indices, batches
+    def __init__(self, paths: np.ndarray, indices: np.ndarray, batches: Sequence[np.ndarray], signs=None):
+        self.paths, self.indices, self.batches, self.signs = paths, indices, batches, signs
         self.reader = None
 
     def __len__(self) -> int:
@@ -44,14 +45,17 @@ class _RowBatches(torch.utils.data.Dataset):
         if self.reader is None:
             self.reader = StackReader()
         try:
-            return rows, torch.from_numpy(self.reader.read(self.paths[rows], self.indices[rows])), None
+            images = self.reader.read(self.paths[rows], self.indices[rows])
+            signs = None if self.signs is None else self.signs[rows]
+            return rows, torch.from_numpy(apply_image_sign(images, signs)), None
         except CryoforumError as exc:
             return rows, None, {"message": exc.message, "path": exc.path and str(exc.path), "row": exc.row,
                                 "fix": exc.fix}
 
 
 class ImageSource:
-    """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``.
+    """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``, with their contrast sign
+    applied (``ParticleSet.read_images``).
 
     Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch);
     larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network).
@@ -63,14 +67,14 @@ class ImageSource:
         box = int(ps.box[0]) if len(ps) else 0
         self._cache = None
         if len(ps) * box * box * 4 <= cache_bytes:
-            self._cache = torch.from_numpy(self.reader.read(ps.image_path, ps.image_index))
+            self._cache = torch.from_numpy(ps.read_images(self.reader, np.arange(len(ps))))
             self.reader.close()
 
     def batch(self, rows) -> torch.Tensor:
         rows = np.asarray(rows)
         if self._cache is not None:
             return self._cache[torch.as_tensor(rows)]
-        return torch.from_numpy(self.reader.read(self.ps.image_path[rows], self.ps.image_index[rows]))
+        return torch.from_numpy(self.ps.read_images(self.reader, rows))
 
     def batches(self, rows: np.ndarray, batch: int, workers: int = 0,
                 pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -84,8 +88,8 @@ class ImageSource:
                 yield np.asarray(rows), images.pin_memory() if pin_memory and self._cache is None else images
             return
         loader = torch.utils.data.DataLoader(
-            _RowBatches(self.ps.image_path, self.ps.image_index, batches), batch_size=None, shuffle=False,
-            num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2,
+            _RowBatches(self.ps.image_path, self.ps.image_index, batches, self.ps.image_sign), batch_size=None,
+            shuffle=False, num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2,
             generator=torch.Generator())  # its own seed source: the global RNG (dropout, ...) is left untouched
         for rows, images, error in loader:  # the loader hands numpy rows back as tensors
             if error is not None:

@@ -132,7 +132,9 @@ class StackReader:
 
 
 def read_map(path) -> tuple[np.ndarray, float]:
-    """A 3-D map -> (volume (z, y, x) float32, pixel size Å). Non-cubic or odd maps are zero-padded to an even cube."""
+    """A 3-D map -> (volume (z, y, x) float32, pixel size Å). Non-cubic or odd maps are zero-padded to an even cube
+    n³ around their centre voxel: the voxel at s // 2 of each axis (the FFT centre, RELION's convention) lands at
+    n // 2, as fourier.pad_real places it."""
     with _open(path) as mrc:
         vol = np.asarray(mrc.data, dtype=np.float32)
         voxel = float(mrc.voxel_size.x)
@@ -141,7 +143,7 @@ def read_map(path) -> tuple[np.ndarray, float]:
     if len(set(vol.shape)) > 1 or vol.shape[0] % 2:
         n = max(vol.shape) + max(vol.shape) % 2  # an even cube: the centre is at index n // 2
         cube = np.zeros((n, n, n), np.float32)
-        sl = tuple(slice((n - s) // 2, (n - s) // 2 + s) for s in vol.shape)
+        sl = tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) for s in vol.shape)
         cube[sl] = vol
         vol = cube
     if voxel <= 0:

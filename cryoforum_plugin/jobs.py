@@ -33,14 +33,17 @@ from .train_config import TrainConfig
 
 def options(**values) -> argparse.Namespace:
     """Every pipeline option (manifest.pipeline_params: train, predict, refine, filter) at its plugin.yaml default,
-    plus ``resume`` (false) and ``refine`` (true), overridden by ``values``; unknown names are refused."""
-    known = {p["name"]: p.get("default") for p in manifest.pipeline_params()}
+    plus ``resume`` (false) and ``refine`` (true), overridden by ``values``; unknown names are refused. A value
+    None means "not given": the train options a preset may set (manifest.preset_options) then stay None, for
+    ``TrainConfig.from_args`` to fill from --preset or plugin.yaml; every other option gets its default."""
+    unset = manifest.preset_options()
+    known = {p["name"]: None if p["name"] in unset else p.get("default") for p in manifest.pipeline_params()}
     known.update(resume=False, refine=True)
     unknown = set(values) - set(known)
     if unknown:
         raise CryoforumError(f"unknown option(s): {', '.join(sorted(unknown))}.",
                              fix="see `cryoforum train --help`, `predict --help` and `filter --help`.")
-    return argparse.Namespace(**{**known, **values})
+    return argparse.Namespace(**{**known, **{k: v for k, v in values.items() if v is not None}})
 
 
 # ---------------------------------------------------------------------------------------------- train / predict
@@ -115,7 +118,9 @@ class Selection:
 
 
 def _validation_errors(ps: ParticleSet, model: ModelDir) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, errors in radians) of the model's validation particles: predicted vs their input (prior) poses."""
+    """(rows, errors in radians) of the model's validation particles: their poses in ``ps`` (what the job hands
+    back: refined, or predicted when not refined) against the input's poses (``prior_quat``, e.g. the consensus
+    refinement the model was trained on), never against the network's prediction (``predicted_quat``)."""
     rows = np.nonzero(np.isin(ps.uid, model.split_uids("val")))[0]
     prior = ps.prior_quat
     if prior is not None:
@@ -129,9 +134,11 @@ def _validation_errors(ps: ParticleSet, model: ModelDir) -> tuple[np.ndarray, np
 
 def select(ps: ParticleSet, *, statistic: str = "trace", drop: float = 0.25, threshold: float | None = None,
            target_error: float | None = None, model_dir=None, uncertainty=None) -> Selection:
-    """Keep the confident particles of a predicted set: by ``target_error`` (degrees; a threshold calibrated on
-    the model's validation split), else by ``threshold`` on the statistic, else dropping the ``drop`` fraction
-    with the highest uncertainty. ``uncertainty``: the sidecar of a .cs prediction (default: beside it)."""
+    """Keep the confident particles of a predicted (or refined) set: by ``target_error`` (degrees; the threshold
+    on the statistic at which the kept validation particles of the model have a median error of the set's poses
+    against the input's poses at most ``target_error``, see ``_validation_errors``), else by ``threshold`` on the
+    statistic, else dropping the ``drop`` fraction with the highest uncertainty. ``uncertainty``: the sidecar of
+    a .cs prediction (default: beside it)."""
     unc = read_uncertainty(ps, uncertainty)
     score = uncertainty_score(unc, statistic)
     summary = {"statistic": statistic}
@@ -145,7 +152,7 @@ def select(ps: ParticleSet, *, statistic: str = "trace", drop: float = 0.25, thr
                                  fix="raise --target-error or train a better model.")
         keep = score <= t
         summary.update(mode="target_error", target_error_deg=target_error, threshold=t,
-                       validation_particles=int(len(rows)))
+                       validation_particles=int(len(rows)), calibrated_on="these poses vs the input's poses")
     elif threshold is not None:
         keep = score <= threshold
         summary.update(mode="threshold", threshold=threshold)
@@ -230,12 +237,16 @@ def refine(ps: ParticleSet, reference: Reference, *, sym: str = "C1", global_sea
            trust: float = 0.5, search_radius: float | None = None, max_shift: float | None = None,
            resolution: float | None = None, batch: int = 128, device="auto",
            events: Events | None = None) -> tuple[ParticleSet, RefineResult]:
-    """Refined poses and shifts of ``ps`` against ``reference`` (refinement.refine): the starting poses become
-    ``prior_quat``, the score and confidence go to the refine columns. ``global_search`` auto: particles
+    """Refined poses and shifts of ``ps`` against ``reference`` (refinement.refine), the score and confidence in
+    the refine columns. The input's poses stay in ``prior_quat`` (a set without them, e.g. a consensus STAR
+    refined directly: its starting poses become ``prior_quat``), the network's in ``predicted_quat`` (a
+    prediction from an older version without those columns: its starting poses). Particles are matched against
+    the half-map of their own half-set (``ps.with_half_sets()``, written back). ``global_search`` auto: particles
     without a pose, or whose figure of merit (the network's confidence) is below ``trust``."""
     from .refinement import refine as run_refinement
 
     ps.validate_images()
+    ps = ps.with_half_sets()
     uncertain = (ps.fom < trust) if (ps.fom is not None and global_search == "auto") else None
     radius = None if search_radius is None else np.full(len(ps), float(search_radius))
     result = run_refinement(ps, reference.maps, reference_pixel_size=reference.pixel_size, sym=sym,
@@ -246,9 +257,13 @@ def refine(ps: ParticleSet, reference: Reference, *, sym: str = "C1", global_sea
     for key, values in (("score", result.score), ("confidence", result.confidence)):
         numeric[REFINE_STAR[key]] = values
         numeric[REFINE_CS[key]] = values
-    prior = ps.quat.copy() if ps.has_poses.any() else ps.prior_quat
+    start = ps.quat.copy() if ps.has_poses.any() else None
+    prior = ps.prior_quat if ps.prior_quat is not None else start
+    predicted = ps.predicted_quat
+    if predicted is None and ps.uncertainty is not None:  # a prediction written before predicted_quat existed
+        predicted = start
     refined = dataclasses.replace(ps, quat=result.quat.copy(), shift_A=result.shift_A.copy(), prior_quat=prior,
-                                  numeric=numeric)
+                                  predicted_quat=predicted, numeric=numeric)
     return refined, result
 
 
@@ -310,7 +325,8 @@ class PipelineResult:
 
 def training_reference(train_set: ParticleSet, model_dir, opts, events: Events) -> Reference:
     """The default reference: half-maps reconstructed from the training particles at their (consensus) poses,
-    written beside the model (reference_half1.mrc, reference_half2.mrc)."""
+    each from the particles of one half-set (``ParticleSet.with_half_sets``, the assignment the refinement
+    matches them with), written beside the model (reference_half1.mrc, reference_half2.mrc)."""
     path = Path(model_dir) / "reference.mrc"
     events.message(f"[cryo-forum] reconstructing the reference from {len(train_set)} training particles -> {path}")
     reconstruct(train_set, path, sym=opts.sym, halves=True, device=opts.device, events=events)
@@ -323,11 +339,19 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
     """Train on ``train_set`` (if given) into ``model_dir``, predict ``predict_set`` (default: the training set)
     with it, refine the predicted poses against ``reference`` (default: a reconstruction of the training set;
     skipped with ``opts.refine`` false, or without either), and select the confident particles, all with the
-    options ``opts`` (see ``options``). Returns None on the non-zero ranks of a torchrun job."""
+    options ``opts`` (see ``options``). Every particle gets one half-set first (the input's, else by uid:
+    ``ParticleSet.with_half_sets``), used by the training map, the reference's half-maps and the refinement
+    (each half matched against its own half-map) and kept in every returned set. Returns None on the non-zero
+    ranks of a torchrun job."""
     events = events or Events()
     set_threads(opts.threads)
     model_dir = Path(model_dir)
     summary = None
+    # one half-set assignment for every step (training map, reference half-maps, refinement, outputs)
+    if train_set is not None:
+        train_set = train_set.with_half_sets()
+    if predict_set is not None:
+        predict_set = predict_set.with_half_sets(like=train_set)
     if train_set is not None:
         events.message(f"[cryo-forum] training on {len(train_set)} particles -> {model_dir}")
         config = TrainConfig.from_args(opts)
@@ -384,3 +408,31 @@ def _figures(result: PipelineResult, events: Events) -> None:
     for fig, title in figs:
         events.figure(fig, title)
         pyplot().close(fig)
+
+
+def write_outputs(result: PipelineResult, out_dir, input_path, opts: argparse.Namespace, *, fmt: str = "star",
+                  reconstruct_map: bool = True, project_dir=None, events: Events | None = None) -> list[tuple[str, str]]:
+    """Every output of a train-predict job, with the names of the RELION External job: predicted.*,
+    refined.* (+ refine.json) when it refined, confident.* / rejected.* (+ filter.json), and with
+    ``reconstruct_map`` confident_map.mrc and its half-maps. Returns the output nodes as (path, kind), kind one of
+    'model', 'particles', 'map'. Used by the RELION adapter, ``cryoforum run`` and the demo."""
+    events = events or Events()
+    out = Path(out_dir)
+    nodes: list[tuple[str, str]] = []
+    if result.training is not None:
+        nodes.append((str(ModelDir(result.model_dir).best_path), "model"))
+    written = write_predictions(result.predicted, out, input_path, fmt, project_dir=project_dir)
+    nodes += [(str(p), "particles") for p in written if not p.stem.endswith("_uncertainty")]
+    if result.refined is not None:
+        written = write_refined(result.refined, result.refinement, out, input_path, fmt, project_dir=project_dir,
+                                extra={"reference": result.reference.source})
+        nodes += [(str(p), "particles") for p in written]
+    written = write_selection(result.final, result.selection, out, input_path, fmt, project_dir=project_dir)
+    nodes += [(p, "particles") for p in written]
+    if reconstruct_map:
+        events.check_abort()
+        events.message(f"[cryo-forum] reconstructing the {result.selection.kept} confident particles")
+        reconstruct(result.final.subset(result.selection.keep), out / "confident_map.mrc", sym=opts.sym,
+                    halves=True, device=opts.device, events=events)
+        nodes.append((str(out / "confident_map.mrc"), "map"))
+    return nodes

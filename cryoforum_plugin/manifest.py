@@ -48,23 +48,53 @@ def defaults(job_name: str) -> dict:
     return {p["name"]: p.get("default") for p in params(job_name) if not p.get("positional")}
 
 
+TRAIN_RUNTIME = frozenset({"particles", "out", "project_dir", "preset", "resume", "device", "threads", "cache_gb",
+                           "workers"})
+"""The train job's parameters that are files and run-time settings, not options of the trained model."""
+SHARED_TRAIN_OPTIONS = frozenset({"sym"})
+"""Model options that other steps of a job also read (the refinement's and the reconstruction's point group): they
+keep their plugin.yaml default on a command line, and no preset sets them."""
+
+
+def train_options() -> frozenset:
+    """The names of the train job's model options: the fields of ``train_config.TrainConfig``."""
+    return frozenset(p["name"] for p in params("train") if not p.get("positional")) - TRAIN_RUNTIME
+
+
+def preset_options() -> frozenset:
+    """The train options a ``--preset`` may set. A front end leaves each at None ("not given") unless the user
+    gives it, and ``TrainConfig.from_args`` resolves it: the user's value, else the preset's, else plugin.yaml's
+    default. So a value the user gives is never replaced by a preset, even when it equals the default."""
+    return train_options() - SHARED_TRAIN_OPTIONS
+
+
+def unset_by_default(job_name: str) -> frozenset:
+    """The options of ``job_name`` whose command-line default is None (not given): ``preset_options`` for the
+    train job and the jobs that train (``pipeline: true``); none for the others (predict's --batch is its own)."""
+    return preset_options() if job_name == "train" or job(job_name).get("pipeline") else frozenset()
+
+
 def namespace(job_name: str, **values) -> argparse.Namespace:
-    """An argparse-like namespace for a job: its declared defaults overridden by ``values`` (for adapters and
-    the demo, which call the command modules without a command line)."""
-    ns = defaults(job_name)
+    """An argparse-like namespace for a job: its declared defaults (None for ``unset_by_default``) overridden by
+    ``values``, as its command line would give it (for callers without a command line)."""
+    ns = {**defaults(job_name), **{name: None for name in unset_by_default(job_name)}}
     ns.update({p["name"]: None for p in params(job_name) if p.get("positional")})
     ns.update(values)
     return argparse.Namespace(**ns)
 
 
-def _help(p: dict) -> str:
+def _help(p: dict, unset: bool = False) -> str:
+    """The help text of a declaration, with its unit, range and plugin.yaml default (also for an option whose
+    argparse default is None, ``unset``: the default applies unless a preset sets it)."""
     text = p.get("help", "").replace("%", "%%")  # argparse expands %-formats in help strings
     extra = []
     if p.get("unit"):
         extra.append(f"unit: {p['unit']}")
     if "min" in p or "max" in p:
         extra.append(f"range: [{p.get('min', '-inf')}, {p.get('max', 'inf')}]")
-    if not p.get("positional") and p.get("type") != "bool" and p.get("default") is not None:
+    if unset and p.get("default") is not None:
+        extra.append("default: " + str(p["default"]).replace("%", "%%") + ", unless --preset sets it")
+    elif not p.get("positional") and p.get("type") != "bool" and p.get("default") is not None:
         extra.append("default: %(default)s")
     return text + (f" ({'; '.join(extra)})" if extra else "")
 
@@ -109,20 +139,22 @@ def pipeline_params(exclude=()) -> list[dict]:
 def add_arguments(parser: argparse.ArgumentParser, job_name: str) -> None:
     """Declare every parameter of ``job_name`` on an argparse parser (names: --snake-case); a job with
     ``pipeline: true`` also gets every engine option (``pipeline_params``)."""
-    own = params(job_name)
-    add_arguments_from(parser, own)
+    own, unset = params(job_name), unset_by_default(job_name)
+    add_arguments_from(parser, own, unset)
     if job(job_name).get("pipeline"):
-        add_arguments_from(parser, pipeline_params(exclude={p["name"] for p in own}))
+        add_arguments_from(parser, pipeline_params(exclude={p["name"] for p in own}), unset)
 
 
-def add_arguments_from(parser: argparse.ArgumentParser, declarations: list[dict]) -> None:
-    """Declare the given parameter declarations on an argparse parser."""
+def add_arguments_from(parser: argparse.ArgumentParser, declarations: list[dict], unset=frozenset()) -> None:
+    """Declare the given parameter declarations on an argparse parser; the names in ``unset`` default to None
+    (not given: a preset or plugin.yaml's default fills them later, ``TrainConfig.from_args``)."""
     for p in declarations:
-        kwargs = {"help": _help(p)}
+        none = p["name"] in unset
+        kwargs = {"help": _help(p, none)}
         if p.get("type") == "bool":
             parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"],
-                                action=argparse.BooleanOptionalAction, default=bool(p.get("default", False)),
-                                help=kwargs["help"])
+                                action=argparse.BooleanOptionalAction,
+                                default=None if none else bool(p.get("default", False)), help=kwargs["help"])
             continue
         kwargs["type"] = _typed(p)
         if p.get("choices"):
@@ -132,6 +164,7 @@ def add_arguments_from(parser: argparse.ArgumentParser, declarations: list[dict]
         if p.get("positional"):
             parser.add_argument(p["name"], metavar=p["name"].upper(), **kwargs)
         else:
-            parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"], default=p.get("default"),
+            parser.add_argument("--" + p["name"].replace("_", "-"), dest=p["name"],
+                                default=None if none else p.get("default"),
                                 required=bool(p.get("required", False)),
                                 metavar=None if p.get("choices") else p.get("metavar", p.get("type", "str").upper()), **kwargs)

@@ -141,19 +141,19 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
     ``reference_map``: (D, D, D) array/tensor or a map path. Without ``map_pixel_size`` (or a path's header) it is
     taken to span the particle box (Fourier-resized to it); with it, it is resampled to the particles' pixel size
     and padded/cropped. ``images``: optional (N, box, box) array/tensor aligned with ``ps`` (skips the stacks).
-    Particles are assumed to share one box and pixel size (the first row's).
+    Particles must share one box and pixel size (``ParticleSet.require_one_sampling``: one clear error otherwise).
     """
     from .ctf import ctf_2d
     from .map_grid import map_on_particle_grid
     from .projection import Projector
 
     device = torch.device(device) if device is not None else torch.device("cpu")
+    apix, box = ps.require_one_sampling("the noise estimate")
     rows = np.nonzero(np.asarray(ps.has_poses))[0]
     if len(rows) == 0:
         raise ValueError("estimate_noise_spectrum needs particles with poses")
     if len(rows) > max_particles:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_particles, replace=False))
-    box, apix = int(ps.box[rows[0]]), float(ps.pixel_size[rows[0]])
     projector = Projector(map_on_particle_grid(reference_map, box, apix, map_pixel_size, device), device=device)
     reader = None
     if images is None:
@@ -168,7 +168,7 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
         for lo in range(0, len(rows), batch):
             r = rows[lo:lo + batch]
             if images is None:
-                x = torch.from_numpy(reader.read(ps.image_path[r], ps.image_index[r])).to(device)
+                x = torch.from_numpy(ps.read_images(reader, r)).to(device)
             else:
                 x = as_tensor(images[torch.as_tensor(r)] if isinstance(images, torch.Tensor) else images[r], device)
             c = None if ps.ctf is None else ctf_2d(ps.ctf, r, box, ps.pixel_size[r], device)

@@ -3,10 +3,10 @@
 A ``ParticleSet`` holds, per particle (N rows): the image by reference (absolute stack path and 0-based
 index), the pose as a quaternion (geometry.py convention, NaN rows where unknown), the shift in Å
 (RELION's origin sign), CTF parameters, pixel size and box, optics group, half-set and uid; the typed
-per-particle results of cryo-forum (uncertainty, figure of merit, junk label, prior pose) and every other
-numeric per-particle column (``numeric``), all filled by both readers; plus the original table (``source``:
-STAR data blocks or cryoSPARC Dataset), read only by the I/O modules, so that every column the user had goes
-back out.
+per-particle results of cryo-forum (uncertainty, figure of merit, junk label, the input's pose, the network's
+pose) and every other numeric per-particle column (``numeric``), all filled by both readers; plus the original
+table (``source``: STAR data blocks or cryoSPARC Dataset), read only by the I/O modules, so that every column the
+user had goes back out. One half-set assignment serves every step: ``ParticleSet.with_half_sets``.
 
 The readers and writers live in ``star_io.py`` (RELION STAR) and ``cs_io.py`` (cryoSPARC .cs); their public
 names are re-exported here (``read_star``, ``write_star``, ``read_cs``, ``write_cs``, ``from_dataset``,
@@ -37,9 +37,21 @@ STAR_CTF = {"defocus_u": "rlnDefocusU", "defocus_v": "rlnDefocusV", "defocus_ang
             "phase_shift": "rlnPhaseShift"}
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 PRIOR_ANGLE_COLUMNS = ("rlnCryoforumPriorAngleRot", "rlnCryoforumPriorAngleTilt", "rlnCryoforumPriorAnglePsi")
+"""The input's poses (e.g. the consensus refinement's), as the set had them before cryo-forum predicted or refined."""
+PREDICTED_ANGLE_COLUMNS = ("rlnCryoforumPredictedAngleRot", "rlnCryoforumPredictedAngleTilt",
+                           "rlnCryoforumPredictedAnglePsi")
+"""The network's predicted poses (kept when the refinement or a later RELION job replaces rlnAngle*)."""
 UID_COLUMN = "rlnCryoforumUid"
 JUNK_COLUMN = "rlnCryoforumJunk"
 """Per-particle junk label of simulated truth files: 0 = a real particle, else simulation.JUNK_KINDS."""
+IMAGE_SIGN_STAR = "rlnCryoforumImageSign"
+IMAGE_SIGN_CS = "blob/sign"
+"""Per-particle contrast sign of the stored image (cryoSPARC's ``blob/sign``; RELION has no such column, so STAR
+files carry it as rlnCryoforumImageSign). +1: light particles on a dark background, the contrast of a
+positive-density map (image = +CTF * projection with ctf.py's RELION CTF): what RELION's Extract job writes (its
+"Invert contrast?" defaults to Yes) and what the engine works on. -1: the micrograph's own contrast, dark particles,
+as cryoSPARC's Extract job stores them (its particles carry blob/sign = -1). The engine reads ``sign x stored
+image`` (``ParticleSet.read_images``); docs/cryosparc.md has the sources."""
 
 # Typed per-particle fields and their names: STAR column(s) and cryoSPARC .cs field.
 UNCERTAINTY_STAR = dict(STAR_COLUMNS)  # {'max': rlnCryoforumMaxDispersion, 'trace': rlnCryoforumTraceDispersion}
@@ -47,11 +59,12 @@ UNCERTAINTY_CS = {"max": "cryoforum/max_dispersion", "trace": "cryoforum/trace_d
 FOM_CS = "cryoforum/fom"
 JUNK_CS = "cryoforum/junk"
 PRIOR_POSE_CS = "cryoforum/prior_pose"
+PREDICTED_POSE_CS = "cryoforum/predicted_pose"
 REFINE_STAR = {"score": "rlnCryoforumRefineScore", "confidence": "rlnCryoforumRefineConfidence"}
 REFINE_CS = {"score": "cryoforum/refine_score", "confidence": "cryoforum/refine_confidence"}
 """Per-particle results of the refinement (held in ``numeric`` under both names; each writer takes its own)."""
-TYPED_STAR_COLUMNS = (*PRIOR_ANGLE_COLUMNS, UNCERTAINTY_STAR["max"], UNCERTAINTY_STAR["trace"], FOM_COLUMN,
-                      JUNK_COLUMN)
+TYPED_STAR_COLUMNS = (*PRIOR_ANGLE_COLUMNS, *PREDICTED_ANGLE_COLUMNS, UNCERTAINTY_STAR["max"],
+                      UNCERTAINTY_STAR["trace"], FOM_COLUMN, JUNK_COLUMN, IMAGE_SIGN_STAR)
 """STAR columns held by typed fields (never in ``numeric``), in the order writers append them."""
 CORE_STAR_COLUMNS = frozenset({"rlnImageName", *ANGLE_COLUMNS, "rlnOriginX", "rlnOriginY", "rlnOriginXAngst",
                                "rlnOriginYAngst", *STAR_CTF.values(), "rlnOpticsGroup", "rlnRandomSubset",
@@ -75,8 +88,11 @@ class ParticleSet:
     """Particles by reference; every array has N rows. See the module docstring.
 
     Typed per-particle results (None when the file has none): ``uncertainty`` {'max', 'trace'} Bingham
-    dispersions (<= 0), ``fom`` confidence in [0, 1], ``junk`` labels, ``prior_quat`` (N, 4) the pose before
-    prediction (NaN rows where unknown). ``numeric``: every other numeric per-particle column, keyed by its
+    dispersions (<= 0), ``fom`` confidence in [0, 1], ``junk`` labels, ``prior_quat`` (N, 4) the input's pose
+    (before prediction and refinement; the consensus poses a model is trained on), ``predicted_quat`` (N, 4) the
+    network's prediction (NaN rows where unknown). With ``quat`` (the current pose: predicted, then refined) these
+    are three distinguishable pose sets. ``image_sign`` (N,) the contrast sign of the stored images
+    (IMAGE_SIGN_CS; None: all +1, RELION's convention); ``read_images`` applies it. ``numeric``: every other numeric per-particle column, keyed by its
     STAR name (STAR input) or cryoSPARC field name (.cs input); ``column()`` looks any of them up by name.
     ``extra``: STAR column name -> (N,) values added on output; names of typed fields given there set the
     typed field (the typed field is then what gets written).
@@ -99,6 +115,8 @@ class ParticleSet:
     fom: np.ndarray | None = None  # (N,) float64, rlnParticleFigureOfMerit / cryoforum/fom
     junk: np.ndarray | None = None  # (N,) int64, rlnCryoforumJunk / cryoforum/junk
     prior_quat: np.ndarray | None = None  # (N, 4) float64, rlnCryoforumPriorAngle* / cryoforum/prior_pose
+    predicted_quat: np.ndarray | None = None  # (N, 4) float64, rlnCryoforumPredictedAngle* / cryoforum/predicted_pose
+    image_sign: np.ndarray | None = None  # (N,) float64, +1 or -1 (IMAGE_SIGN_CS); None: all +1
     numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other numeric columns
     file_format: str | None = None  # 'star' or 'cs' when read from a file
     star_version: str | None = None  # '3.0' or '3.1' for a STAR file
@@ -119,15 +137,18 @@ class ParticleSet:
     def typed_star_columns(self) -> dict[str, np.ndarray]:
         """The typed fields as STAR columns (in TYPED_STAR_COLUMNS order), only those that are set."""
         out = {}
-        if self.prior_quat is not None:
-            prior = finite_rows(self.prior_quat, geometry.quat_to_relion_euler)
-            out.update({c: prior[:, i] for i, c in enumerate(PRIOR_ANGLE_COLUMNS)})
+        for quat, columns in ((self.prior_quat, PRIOR_ANGLE_COLUMNS), (self.predicted_quat, PREDICTED_ANGLE_COLUMNS)):
+            if quat is not None:
+                angles = finite_rows(quat, geometry.quat_to_relion_euler)
+                out.update({c: angles[:, i] for i, c in enumerate(columns)})
         if self.uncertainty is not None:
             out.update({UNCERTAINTY_STAR[k]: self.uncertainty[k] for k in ("max", "trace")})
         if self.fom is not None:
             out[FOM_COLUMN] = self.fom
         if self.junk is not None:
             out[JUNK_COLUMN] = self.junk
+        if self.image_sign is not None:
+            out[IMAGE_SIGN_STAR] = self.image_sign
         return out
 
     def column(self, name: str) -> np.ndarray | None:
@@ -137,6 +158,8 @@ class ParticleSet:
             return self.fom
         if name in (JUNK_COLUMN, JUNK_CS):
             return self.junk
+        if name in (IMAGE_SIGN_STAR, IMAGE_SIGN_CS):
+            return self.image_sign
         for key in ("max", "trace"):
             if name in (UNCERTAINTY_STAR[key], UNCERTAINTY_CS[key]):
                 return None if self.uncertainty is None else self.uncertainty[key]
@@ -175,7 +198,59 @@ class ParticleSet:
         # the typed fields, not extra's copies of them, are the source of truth
         out.uncertainty = None if self.uncertainty is None else {k: v[rows] for k, v in self.uncertainty.items()}
         out.fom, out.junk, out.prior_quat = take(self.fom), take(self.junk), take(self.prior_quat)
+        out.predicted_quat, out.image_sign = take(self.predicted_quat), take(self.image_sign)
         return out
+
+    def with_half_sets(self, like: "ParticleSet | None" = None) -> "ParticleSet":
+        """A copy in which every particle has a half-set (1 or 2): its own where the input gave one
+        (rlnRandomSubset, alignments3D/split), else that of the particle with the same uid in ``like`` (e.g. the
+        training set of a job) where that has one, else ``uid_half_sets``. Every step of a job (training map,
+        reference half-maps, refinement, outputs) uses this one assignment (gold standard)."""
+        half = np.asarray(self.half_set, np.int64).copy()
+        free = ~np.isin(half, (1, 2))
+        if like is not None and free.any():
+            known = np.isin(like.half_set, (1, 2))
+            uids, halves = np.asarray(like.uid, np.uint64)[known], np.asarray(like.half_set, np.int64)[known]
+            order = np.argsort(uids, kind="stable")
+            uids, halves = uids[order], halves[order]
+            if len(uids):
+                pos = np.clip(np.searchsorted(uids, self.uid[free]), 0, len(uids) - 1)
+                hit = uids[pos] == self.uid[free]
+                rows = np.nonzero(free)[0]
+                half[rows[hit]] = halves[pos[hit]]
+                free[rows[hit]] = False
+        half[free] = uid_half_sets(self.uid[free])
+        return dataclasses.replace(self, half_set=half)
+
+    def read_images(self, reader, rows) -> np.ndarray:
+        """(B, N, N) float32 images of ``rows`` (0-based indices) as the engine works on them: read with
+        ``reader`` (images.StackReader) and multiplied by ``image_sign`` (light particles on a dark background;
+        IMAGE_SIGN_CS). The one way training, prediction, refinement, reconstruction and the noise estimate read
+        particle images."""
+        rows = np.asarray(rows)
+        images = reader.read(self.image_path[rows], self.image_index[rows])
+        return apply_image_sign(images, None if self.image_sign is None else self.image_sign[rows])
+
+    def require_one_sampling(self, step: str) -> tuple[float, int]:
+        """(pixel size Å, box px) shared by every particle, for a ``step`` that works on one grid (reconstruction,
+        the noise estimate, refinement, pre-training from a map). A set that mixes pixel sizes (beyond 0.1 %) or
+        boxes, e.g. two optics groups, is one CryoforumError naming the file, the first row that differs and the
+        fix; prediction resamples each optics group to the model instead (preprocess.to_model_grid)."""
+        if len(self) == 0:
+            raise CryoforumError(f"{step} needs particles; the set is empty.", path=self.path,
+                                 fix="check the particle file and the selection.")
+        apix, box = float(self.pixel_size[0]), int(self.box[0])
+        other = (np.abs(self.pixel_size - apix) > 1e-3 * apix) | (self.box != box)
+        if other.any():
+            r = int(np.argmax(other))
+            raise CryoforumError(
+                f"{step} needs one pixel size and box, but this particle has {float(self.pixel_size[r]):g} Å/px and "
+                f"{int(self.box[r])} px (optics group {int(self.optics_group[r])}) while the first has {apix:g} Å/px "
+                f"and {box} px (optics group {int(self.optics_group[0])}).", path=self.path, row=r,
+                fix="run this step on one optics group at a time (e.g. relion_star_handler --select rlnOpticsGroup "
+                    "--minval G --maxval G), or re-extract all particles at one pixel size and box; `cryoforum "
+                    "predict` takes several optics groups.")
+        return apix, box
 
     def validate_images(self) -> None:
         """Check that every stack exists and every index lies inside its stack (headers only)."""
@@ -200,23 +275,59 @@ class ParticleSet:
 
 
 def typed_from_star_columns(columns) -> dict:
-    """Typed ParticleSet fields from STAR columns (a dict or DataFrame): ``prior_quat`` (all three prior angle
-    columns needed; NaN rows where an angle is missing), ``uncertainty`` (both dispersions), ``fom``, ``junk``."""
+    """Typed ParticleSet fields from STAR columns (a dict or DataFrame): ``prior_quat`` and ``predicted_quat``
+    (all three angle columns needed; NaN rows where an angle is missing), ``uncertainty`` (both dispersions),
+    ``fom``, ``junk``."""
     out = {}
-    if all(c in columns for c in PRIOR_ANGLE_COLUMNS):
-        angles = np.stack([np.asarray(columns[c], dtype=np.float64) for c in PRIOR_ANGLE_COLUMNS], 1)
-        prior = np.full((len(angles), 4), np.nan)
-        ok = np.isfinite(angles).all(axis=1)
-        if ok.any():
-            prior[ok] = geometry.relion_euler_to_quat(*angles[ok].T)
-        out["prior_quat"] = prior
+    for name, names in (("prior_quat", PRIOR_ANGLE_COLUMNS), ("predicted_quat", PREDICTED_ANGLE_COLUMNS)):
+        if all(c in columns for c in names):
+            angles = np.stack([np.asarray(columns[c], dtype=np.float64) for c in names], 1)
+            quat = np.full((len(angles), 4), np.nan)
+            ok = np.isfinite(angles).all(axis=1)
+            if ok.any():
+                quat[ok] = geometry.relion_euler_to_quat(*angles[ok].T)
+            out[name] = quat
     if all(UNCERTAINTY_STAR[k] in columns for k in ("max", "trace")):
         out["uncertainty"] = {k: np.asarray(columns[UNCERTAINTY_STAR[k]], dtype=np.float64) for k in ("max", "trace")}
     if FOM_COLUMN in columns:
         out["fom"] = np.asarray(columns[FOM_COLUMN], dtype=np.float64)
     if JUNK_COLUMN in columns:
         out["junk"] = np.asarray(columns[JUNK_COLUMN]).astype(np.int64)
+    if IMAGE_SIGN_STAR in columns:
+        out["image_sign"] = image_signs(columns[IMAGE_SIGN_STAR])
     return out
+
+
+def image_signs(values) -> np.ndarray:
+    """(N,) float64 contrast signs from stored values (blob/sign, rlnCryoforumImageSign): -1 where the value is
+    negative, else +1 (0 or NaN, as in a Dataset allocated without it, say nothing and keep the image as it is)."""
+    return np.where(np.asarray(values, dtype=np.float64) < 0, -1.0, 1.0)
+
+
+def apply_image_sign(images: np.ndarray, sign) -> np.ndarray:
+    """(B, N, N) ``images`` multiplied in place by their (B,) contrast ``sign`` (None, or all +1: unchanged)."""
+    if sign is not None and (np.asarray(sign) < 0).any():
+        images *= np.asarray(sign, dtype=images.dtype)[:, None, None]
+    return images
+
+
+def uid_half_sets(uid) -> np.ndarray:
+    """(N,) int64 half-set, 1 or 2, of each particle from its uid alone: the top bit of the splitmix64 hash of the
+    uid. Deterministic (the same particle gets the same half in any subset, any run, any machine) and balanced in
+    expectation (each half holds 50 % ± 0.5/sqrt(N) of the particles, binomial), even for consecutive uids."""
+    z = np.asarray(uid, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(63)).astype(np.int64) + 1
+
+
+def half_sets(ps: ParticleSet) -> np.ndarray:
+    """(N,) int64 half-set (1 or 2) of each particle of ``ps``: ``ps.with_half_sets().half_set``. What the
+    reconstruction and the refinement use for particles the set gives none."""
+    return ps.with_half_sets().half_set
 
 
 def deterministic_uids(names) -> np.ndarray:

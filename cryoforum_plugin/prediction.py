@@ -115,9 +115,10 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
 
 
 def with_predictions(ps: ParticleSet, pred: Prediction) -> ParticleSet:
-    """A copy of ``ps`` whose poses are the predicted ones; the previous poses (if any) become ``prior_quat``
-    (written as rlnCryoforumPriorAngleRot/Tilt/Psi), with the uncertainty and figure of merit set."""
+    """A copy of ``ps`` whose poses are the predicted ones, also kept as ``predicted_quat``
+    (rlnCryoforumPredictedAngleRot/Tilt/Psi, which survive a later refinement); the input's poses (if any) become
+    ``prior_quat`` (rlnCryoforumPriorAngleRot/Tilt/Psi), with the uncertainty and figure of merit set."""
     prior = ps.quat.copy() if ps.has_poses.any() else ps.prior_quat
-    return dataclasses.replace(ps, quat=pred.quat.copy(), prior_quat=prior,
+    return dataclasses.replace(ps, quat=pred.quat.copy(), prior_quat=prior, predicted_quat=pred.quat.copy(),
                                uncertainty={"max": pred.dispersion["max"], "trace": pred.dispersion["trace"]},
                                fom=pred.fom)

@@ -10,7 +10,7 @@ from .ctf import ctf_2d
 from .devices import resolve_device
 from .errors import CryoforumError
 from .images import StackReader
-from .particles import ParticleSet
+from .particles import ParticleSet, half_sets
 from .progress import Progress
 from .projection import Backprojector
 
@@ -19,20 +19,18 @@ def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = F
                 device=None, regularization: float = 1e-3, progress: bool = True,
                 events=None):
     """Reconstruct (D, D, D) map(s) from ``ps``. Returns ``{'full': map}`` plus ``'half1'``/``'half2'`` with
-    ``halves`` (split by ``ps.half_set``; particles without a half-set are split by parity).
+    ``halves`` (split by ``particles.half_sets``: the set's own half-sets, and for particles without one the
+    uid-keyed assignment the refinement uses too, so that a particle is always in the same half).
     ``weights``: optional (N,) per-particle weights (0 drops a particle)."""
     if not ps.has_poses.all():
         r = int(np.argmax(~ps.has_poses))
         raise CryoforumError("a particle has no pose; reconstruction needs poses for all.", path=ps.path, row=r,
                              fix="predict poses first (cryoforum predict) or select the particles with poses.")
     device = resolve_device(device)
-    box = int(ps.box[0])
-    apix = float(ps.pixel_size[0])
+    apix, box = ps.require_one_sampling("reconstruction")
     group = symmetry.group_quats(sym) if symmetry.order(sym) > 1 else None
     w_all = np.ones(len(ps)) if weights is None else np.asarray(weights, dtype=np.float64)
-    half = ps.half_set.copy()
-    unassigned = half <= 0
-    half[unassigned] = np.arange(len(ps))[unassigned] % 2 + 1
+    half = half_sets(ps)
     accumulators = {1: Backprojector(box, device=device), 2: Backprojector(box, device=device)}
     bar = Progress(len(ps), "reconstruct", enabled=progress, events=events)
     with StackReader() as reader:
@@ -40,7 +38,7 @@ def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = F
             rows = np.arange(lo, min(len(ps), lo + batch))
             rows = rows[w_all[rows] > 0]
             if len(rows):
-                images = reader.read(ps.image_path[rows], ps.image_index[rows])
+                images = ps.read_images(reader, rows)
                 c = None if ps.ctf is None else ctf_2d(ps.ctf, rows, box, ps.pixel_size[rows], device)
                 for h in (1, 2):
                     sel = half[rows] == h

@@ -66,7 +66,7 @@ from .fsc import fsc_curve
 from .images import StackReader
 from .map_grid import map_on_particle_grid
 from .noise import radial_power
-from .particles import ParticleSet
+from .particles import ParticleSet, half_sets
 from .progress import Progress
 
 DEFAULT_RADIUS_DEG = 15.0  # local search radius when no per-particle hint is given
@@ -518,7 +518,9 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
            resolution_A: float | None = None, batch: int = 128, device=None, progress: bool = True,
            abort_check=None, events=None) -> RefineResult:
     """Refine the poses and shifts of ``ps`` against ``reference`` (a (D, D, D) map or {'half1', 'half2'}:
-    particles of half-set 1/2 use their half-map, unassigned ones a seeded random half).
+    particles of half-set 1/2 use their half-map, RELION's gold standard: each half is matched against the map
+    reconstructed from that half only; particles without a half-set get ``particles.half_sets``'s, the one the
+    reconstruction gives them too).
 
     ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, those whose ``start_error_deg``
     exceeds MAX_RADIUS_DEG, and, in a second pass, those whose local result is doubtful: a confidence below
@@ -539,14 +541,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
         raise CryoforumError(f"unknown global_search '{global_search}'.", fix="use auto, all or none.")
     if n == 0:
         return RefineResult(np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0, bool), 0.0)
-    box = int(ps.box[0])
-    if np.any(ps.box != box):
-        raise CryoforumError("particles of several box sizes in one refinement.", path=ps.path,
-                             fix="refine each box size separately.")
-    apix = float(ps.pixel_size[0])
-    if np.any(np.abs(ps.pixel_size - apix) > 1e-3 * apix):
-        raise CryoforumError("particles of several pixel sizes in one refinement.", path=ps.path,
-                             fix="refine each pixel size (optics group) separately.")
+    apix, box = ps.require_one_sampling("refinement")
     maps = _prepare_reference(reference, reference_pixel_size, box, apix, dev)
     filt = None
     if maps[2] is not maps[1]:  # gold standard: Wiener-filter each half-map by the half-map FSC
@@ -577,9 +572,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
             glob |= np.asarray(uncertain, bool)
         glob |= hint > MAX_RADIUS_DEG
     radius = np.radians(np.clip(hint * RADIUS_MARGIN, 0.5, MAX_RADIUS_DEG))
-    half = np.asarray(ps.half_set, np.int64).copy()
-    free = ~np.isin(half, (1, 2))
-    half[free] = np.random.default_rng(0).integers(1, 3, int(free.sum()))
+    half = half_sets(ps)
     centre = np.nan_to_num(np.asarray(ps.shift_A, float) / apix)
     q_start = np.where(has_pose[:, None], np.nan_to_num(ps.quat), np.array([1.0, 0, 0, 0]))
 
@@ -664,7 +657,7 @@ def _plausibility(cc: np.ndarray, conf: np.ndarray) -> np.ndarray:
 def _load(ps: ParticleSet, reader: StackReader, rows: np.ndarray, coef: _Coefficients, whiten: torch.Tensor,
           centre: np.ndarray, dev) -> _Batch:
     box = coef.box
-    images = torch.from_numpy(reader.read(ps.image_path[rows], ps.image_index[rows])).to(dev)
+    images = torch.from_numpy(ps.read_images(reader, rows)).to(dev)
     x = fft2c(images).reshape(len(rows), -1)[:, coef.flat]  # (B, K)
     if ps.ctf is None:
         c = torch.ones_like(x.real)
@@ -685,7 +678,7 @@ def _noise_weights(ps: ParticleSet, reader: StackReader, spectrum, coef: _Coeffi
     power = np.zeros(box // 2 + 1)
     for lo in range(0, len(rows), 128):
         r = rows[lo:lo + 128]
-        images = torch.from_numpy(reader.read(ps.image_path[r], ps.image_index[r])).to(dev)
+        images = torch.from_numpy(ps.read_images(reader, r)).to(dev)
         power += radial_power(images).cpu().numpy() * len(r)
     power /= len(rows)
     if spectrum is None:

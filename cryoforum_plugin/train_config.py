@@ -58,20 +58,18 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
-        """From an argparse namespace or a dict with the option names (others ignored). With ``preset`` (cpu,
-        gpu, paper, auto = gpu on a GPU else cpu), the preset's value replaces every option left at its
-        plugin.yaml default; a --pretrain-steps the user gave turns the preset's --time-budget off."""
+        """From an argparse namespace or a dict with the option names (others ignored). An option counts as given
+        when its value is not None: the front ends leave the options the user did not give at None
+        (``manifest.preset_options``: their command lines, ``jobs.options``). Each field is the user's value when
+        given, else the value of ``preset`` (cpu, gpu, paper, auto = gpu on a GPU else cpu) when it sets one, else
+        plugin.yaml's default, so a value the user gives is kept even when it equals the default. A
+        --pretrain-steps the user gave turns the preset's --time-budget off (the user's step count is run)."""
         values = dict(vars(args) if not isinstance(args, dict) else args)
-        preset = values.get("preset")
-        if preset:
-            given = {name for name in _D if values.get(name, _D[name]) != _D[name]}
-            for name, value in PRESETS[resolve_preset(preset, values.get("device"))].items():
-                if name not in given:
-                    values[name] = value
-            if "pretrain_steps" in given and "time_budget" not in given:
-                values["time_budget"] = _D["time_budget"]  # the user's step count, not the preset's time budget
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
-                      if f.name in values and values[f.name] is not None})
+        given = {f.name: values[f.name] for f in dataclasses.fields(cls) if values.get(f.name) is not None}
+        preset = dict(PRESETS[resolve_preset(values["preset"], values.get("device"))]) if values.get("preset") else {}
+        if "pretrain_steps" in given and "time_budget" not in given:
+            preset.pop("time_budget", None)  # the user's step count, not the preset's time budget
+        return cls(**{**preset, **given})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -100,7 +98,8 @@ PRESETS = {
                 qcqp_param="symmetric", pretrain_steps=20000, pretrain_log_every=1000, synthetic_snr_start=1.0,
                 synthetic_snr_anneal=0.75, beta1_floor=0.25, l2_head=False),
 }
-"""Training presets: option values that replace the defaults a user did not change (``--preset``)."""
+"""Training presets: values of the options a user did not give (``--preset``; ``TrainConfig.from_args``). Every
+name must be in ``manifest.preset_options()`` (tests/test_model_dir.py)."""
 
 
 def resolve_preset(preset: str, device=None) -> str:

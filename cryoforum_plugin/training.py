@@ -22,7 +22,10 @@ spectrum measured on the training particles against that map (noise.estimate_noi
 (or ``synthetic_snr``; ``synthetic_snr_start`` anneals from another one over the first ``synthetic_snr_anneal``
 of the pre-training steps). The same preprocessing, augmentations,
 loss and one learning-rate schedule span both phases (T counts the pre-training steps too); then come ``epochs``
-on the real particles. Validation is on the real validation particles throughout.
+on the real particles. Validation is on the real validation particles throughout. With ``time_budget`` (minutes)
+the first 20 pre-training steps are timed and ``plan_budget`` sets the pre-training steps and the real epochs: the
+real epochs are cut (with a WARNING) when they would leave the pre-training less than half of the time left; the
+plan is in config.json and in every checkpoint (the first one is written after it), so a resume keeps it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def fsc_weighted(maps: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 BUDGET_CALIBRATION_STEPS = 20  # pre-training steps timed before --time-budget sizes the rest
+PRETRAIN_SHARE = 0.5  # --time-budget: the least share of the time left after the timing that pre-training keeps
 
 
 def plan_pretrain_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, steps_done: int,
@@ -118,6 +122,49 @@ def plan_pretrain_steps(budget_s: float, elapsed_s: float, step_s: float, eval_s
     left = budget_s - elapsed_s - real_steps * step_s - real_evals * eval_s
     per_step = step_s + eval_s / max(log_every, 1)
     return max(int(steps_done), int(steps_done + max(left, 0.0) // max(per_step, 1e-9)))
+
+
+@dataclasses.dataclass
+class BudgetPlan:
+    """What --time-budget chose (``plan_budget``): the pre-training steps and the real epochs to run."""
+
+    pretrain_steps: int  # pre-training steps in all (the timing steps included)
+    epochs: int  # real epochs kept
+    epochs_planned: int  # real epochs asked for (--epochs, or the preset's)
+    left_s: float  # seconds of the budget left when the plan was made
+    step_s: float  # measured seconds per optimiser step
+    epoch_s: float  # estimated seconds per real epoch (its steps and one validation)
+
+    @property
+    def capped(self) -> bool:
+        """Whether real epochs were dropped so that the pre-training keeps its share of the budget."""
+        return self.epochs < self.epochs_planned
+
+    def message(self, budget_min: float) -> str:
+        """The line the training prints: a WARNING naming the numbers when real epochs were dropped."""
+        numbers = (f"{self.step_s:.3f} s per step, {self.epoch_s / 60:.1f} min per real epoch, "
+                   f"{self.left_s / 60:.1f} min left")
+        if not self.capped:
+            return (f"[cryo-forum] time budget {budget_min:g} min: {numbers} -> {self.pretrain_steps} pre-training "
+                    f"steps, {self.epochs} real epochs")
+        return (f"WARNING: time budget {budget_min:g} min: {numbers}; the {self.epochs_planned} real epochs planned "
+                f"would leave the pre-training less than {PRETRAIN_SHARE:.0%} of the time left, so {self.epochs} of "
+                f"{self.epochs_planned} are kept, with {self.pretrain_steps} pre-training steps. For all "
+                f"{self.epochs_planned}: a larger --time-budget, --time-budget 0 (no limit), or fewer particles "
+                f"per epoch (--max-particles).")
+
+
+def plan_budget(budget_s: float, elapsed_s: float, step_s: float, eval_s: float, steps_done: int, log_every: int,
+                steps_per_epoch: int, epochs: int, share: float = PRETRAIN_SHARE) -> BudgetPlan:
+    """--time-budget's plan: the real epochs (each ``steps_per_epoch`` steps of ``step_s`` seconds and one
+    validation of ``eval_s`` seconds) get at most ``1 - share`` of the time left (``budget_s - elapsed_s``,
+    seconds); as many of the ``epochs`` as fit are kept (possibly none: pre-training only), and the pre-training
+    gets the rest (``plan_pretrain_steps``), so at least ``share`` of the time left, however many particles."""
+    left = max(budget_s - elapsed_s, 0.0)
+    epoch_s = steps_per_epoch * step_s + eval_s
+    kept = min(int(epochs), int((1.0 - share) * left // max(epoch_s, 1e-9)))
+    n = plan_pretrain_steps(budget_s, elapsed_s, step_s, eval_s, steps_done, log_every, kept * steps_per_epoch, kept)
+    return BudgetPlan(n, kept, int(epochs), left, step_s, epoch_s)
 
 
 def sample_pairs(true_dist: torch.Tensor, n_pairs: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +203,8 @@ class Trainer:
             raise CryoforumError("the map to pre-train from does not exist.", path=config.from_map,
                                  fix="pass the consensus map (.mrc) to --from-map, or leave it out to use a "
                                      "reconstruction of the training particles.")
+        if config.pretrain_steps:  # the training map and its noise model live on one grid
+            ps.require_one_sampling("pre-training from a map")
         self._created = time.time()  # --time-budget counts from here
         if config.time_budget and not config.pretrain_steps:
             raise CryoforumError("--time-budget sizes the pre-training, which is off (--pretrain-steps 0).",
@@ -223,18 +272,19 @@ class Trainer:
         return sched
 
     def _plan_budget(self, step_s: float, eval_s: float) -> None:
-        """--time-budget: set ``pretrain_steps`` (and the schedule) so the training ends in the budget."""
+        """--time-budget: set ``pretrain_steps`` and ``epochs`` (``plan_budget``: real epochs dropped when they
+        would leave the pre-training less than its share, with a WARNING) and the schedule, so the training ends
+        in the budget; config.json records the plan (the caller's next checkpoint is the first one)."""
         cfg = self.cfg
-        n = plan_pretrain_steps(60.0 * cfg.time_budget, time.time() - self._created, step_s, eval_s,
-                                self.pretrain_step, cfg.pretrain_log_every, cfg.epochs * self.steps_per_epoch,
-                                cfg.epochs)
-        n = distributed.broadcast_int(n)  # every rank runs the same number of steps
-        cfg.pretrain_steps = n
+        plan = plan_budget(60.0 * cfg.time_budget, time.time() - self._created, step_s, eval_s, self.pretrain_step,
+                           cfg.pretrain_log_every, self.steps_per_epoch, cfg.epochs)
+        plan.pretrain_steps = distributed.broadcast_int(plan.pretrain_steps)  # every rank runs the same numbers
+        plan.epochs = distributed.broadcast_int(plan.epochs)
+        cfg.pretrain_steps, cfg.epochs = plan.pretrain_steps, plan.epochs
         self.sched = self._one_cycle(self.pretrain_step)
         if self.rank == 0:
             self._write_meta()
-        self.events.message(f"[cryo-forum] time budget {cfg.time_budget:g} min: {step_s:.3f} s per step, "
-                            f"{eval_s:.1f} s per validation -> {n} pre-training steps")
+            self.events.message(plan.message(cfg.time_budget))
 
     # ------------------------------------------------------------------ distances
     def dist(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -318,7 +368,7 @@ class Trainer:
         FSC-weighted reconstruction of the training split (never validation or test particles)."""
         from .map_grid import map_on_particle_grid
 
-        box, apix = int(self.ps.box[0]), float(self.ps.pixel_size[0])
+        apix, box = self.ps.require_one_sampling("pre-training from a map")
         if self.cfg.from_map:
             vol = map_on_particle_grid(self.cfg.from_map, box, apix, device="cpu").numpy()
             return vol, {"map": self.cfg.from_map}
@@ -421,11 +471,11 @@ class Trainer:
             bar.close()
             t_eval = time.time()
             row = self._row(losses, errs, time.time() - t0, synthetic=True, sim_seconds=sim_seconds)
-            self._end_of_row(row, f"pre-training step {self.pretrain_step:5d}/{cfg.pretrain_steps}  "
-                                  f"SNR {row['snr']:.3g}")
-            if planning:  # validation and checkpoint included in the cost of a log row
+            if planning:  # before the first checkpoint: last.pt and config.json hold the planned counts throughout
                 self._plan_budget((t_eval - t0) / chunk, time.time() - t_eval)
                 planning = False
+            self._end_of_row(row, f"pre-training step {self.pretrain_step:5d}/{cfg.pretrain_steps}  "
+                                  f"SNR {row['snr']:.3g}")
 
     # ------------------------------------------------------------------ loop
     @torch.no_grad()
@@ -534,7 +584,9 @@ class Trainer:
             return False
         stored = TrainConfig.from_dict(state["config"])
         if self.cfg.time_budget and stored.time_budget == self.cfg.time_budget:
-            self.cfg.pretrain_steps = stored.pretrain_steps  # the count the budget chose
+            self.cfg.pretrain_steps = stored.pretrain_steps  # the counts the budget chose (_plan_budget)
+            if stored.epochs <= self.cfg.epochs:
+                self.cfg.epochs = stored.epochs
         if stored != self.cfg:
             raise CryoforumError("the checkpoint was trained with other options.", path=self.out.path / "last.pt",
                                  fix="resume with the same options, or train into a new --out directory.")

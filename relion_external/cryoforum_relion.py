@@ -46,9 +46,21 @@ def build_parser():
     return parser
 
 
+def without_empty_values(parser, argv) -> list[str]:
+    """``argv`` without the options given no value: RELION passes a form field whose value is empty as a bare
+    ``--label`` (followed by the next ``--`` argument, or last), meaning "not given" (the option's default, or
+    for a training option the preset's value)."""
+    takes_value = {s for a in parser._actions if a.nargs is None and a.option_strings
+                   and not isinstance(a, argparse.BooleanOptionalAction) for s in a.option_strings}
+    return [a for i, a in enumerate(argv)
+            if not (a in takes_value and (i + 1 == len(argv) or argv[i + 1].startswith("--")))]
+
+
 def parse(argv):
-    """Parse leniently: unknown arguments are reported in run.out and ignored. A config YAML sets defaults."""
+    """Parse leniently: unknown arguments are reported in run.out and ignored; a form field left empty is not
+    given (``without_empty_values``). A config YAML sets defaults (options it names count as given)."""
     parser = build_parser()
+    argv = without_empty_values(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if args.config:
         cfg = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -81,23 +93,31 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
     write_text(job_dir / "RELION_OUTPUT_NODES.star", "\n".join(lines) + "\n \n")
 
 
+def job_options(args) -> argparse.Namespace:
+    """The pipeline options (``jobs.options``) of a parsed job: the options the form, the config YAML and the
+    additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
+    from cryoforum_plugin import jobs, manifest
+
+    names = [p["name"] for p in manifest.pipeline_params()]
+    opts = jobs.options(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, "threads": args.j,
+                           "resume": True})
+    if str(args.gpu).strip():
+        opts.device = f"cuda:{args.gpu}"
+    return opts
+
+
 def run(args, job_dir: Path) -> list[tuple[str, str]]:
     """The job itself: RELION's inputs -> ``jobs`` -> RELION's outputs; returns the output nodes (paths
     relative to the project directory)."""
-    from cryoforum_plugin import jobs, manifest
+    from cryoforum_plugin import jobs
     from cryoforum_plugin.errors import CryoforumError
     from cryoforum_plugin.particles import read_particles
 
     events = RelionEvents(job_dir)
     if not args.in_parts:
         raise CryoforumError("no input particles.", fix="set 'Input particles' (--in_parts) on the I/O tab.")
-    names = [p["name"] for p in manifest.pipeline_params()]
-    opts = jobs.options(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, "threads": args.j,
-                           "resume": True})
-    if str(args.gpu).strip():
-        opts.device = f"cuda:{args.gpu}"
+    opts = job_options(args)
     ps = read_particles(args.in_parts)
-    nodes = []
     model_dir = job_dir / "model"
     if args.mode == "predict":
         if not args.model:
@@ -110,42 +130,31 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
 
         jobs.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
                    workers=opts.workers, cache_gb=opts.cache_gb, events=events)
-        return [(str(model_dir / "best.pt"), "model")]
+        from cryoforum_plugin.model_dir import ModelDir
+
+        return [(str(ModelDir(model_dir).best_path), "model")]
     opts.refine = args.refine == "yes"
     reference = jobs.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
     result = jobs.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
                            model_dir=model_dir, reference=reference, events=events)
-    if args.mode == "train_predict":
-        nodes.append((str(model_dir / "best.pt"), "model"))
-    jobs.write_predictions(result.predicted, job_dir, args.in_parts, "star")
-    nodes.append((str(job_dir / "predicted.star"), "particles"))
-    if result.refined is not None:
-        jobs.write_refined(result.refined, result.refinement, job_dir, args.in_parts, "star",
-                           extra={"reference": result.reference.source})
-        nodes.append((str(job_dir / "refined.star"), "particles"))
-    jobs.write_selection(result.final, result.selection, job_dir, args.in_parts, "star")
-    nodes += [(str(job_dir / f"{n}.star"), "particles") for n in ("confident", "rejected")]
-    if args.reconstruct == "yes":
-        events.check_abort()
-        events.message("[cryo-forum] reconstructing the confident particles")
-        jobs.reconstruct(result.final.subset(result.selection.keep), job_dir / "confident_map.mrc",
-                         sym=opts.sym, halves=True, device=opts.device, events=events)
-        nodes.append((str(job_dir / "confident_map.mrc"), "map"))
-    return nodes
+    return jobs.write_outputs(result, job_dir, args.in_parts, opts, fmt="star",
+                              reconstruct_map=args.reconstruct == "yes", events=events)
 
 
 def job_star_text(fn_exe: str = "cryoforum-relion") -> str:
     """A RELION job.star (3.1 format) that pre-fills the External job form with cryo-forum's parameters from
-    plugin.yaml (label = option name, value = default). Load it in the GUI to start from these settings."""
+    plugin.yaml (label = option name, value = default; empty for a training option a preset sets, so the preset
+    decides unless the user types a value). Load it in the GUI to start from these settings."""
     from cryoforum_plugin import manifest
 
     form = [p for p in manifest.params("relion") if p.get("relion_form")][:10]
+    unset = manifest.unset_by_default("relion")
     values = {"fn_exe": fn_exe, "in_3dref": '""', "in_coords": '""', "in_mask": '""', "in_mic": '""',
               "in_mov": '""', "in_part": '""', "nr_threads": "4", "other_args": '""', "do_queue": "No",
               "min_dedicated": "1", "qsub": "sbatch", "qsubscript": '""', "queuename": '""'}
     for i in range(10):
         p = form[i] if i < len(form) else None
-        default = "" if p is None or p.get("default") is None else str(p["default"])
+        default = "" if p is None or p.get("default") is None or p["name"] in unset else str(p["default"])
         values[f"param{i + 1}_label"] = p["name"] if p else '""'
         values[f"param{i + 1}_value"] = default if default else '""'
     rows = "\n".join(f"{k} {v}" for k, v in sorted(values.items()))

@@ -1,5 +1,5 @@
 """The grid head (--head grid): the SO(3) grid, the head's mode and uncertainty, its soft-target loss, the model
-directory carrying its grid, and learning on held-out particles with an uncertainty that ranks the errors."""
+directory carrying its grid, and learning on held-out particles with a confidence that rejects junk images."""
 
 import math
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cryoforum_plugin import geometry, symmetry
-from cryoforum_plugin.cleanup import spearman
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.evaluation import geodesic_errors
 from cryoforum_plugin.model import OrientationNet, grid_distribution
@@ -16,10 +15,11 @@ from cryoforum_plugin.model_dir import ModelDir
 from cryoforum_plugin.prediction import predict
 from cryoforum_plugin.preprocess import Preprocess
 from cryoforum_plugin.train_config import TrainConfig
-from cryoforum_plugin.training import Trainer, grid_cross_entropy, grid_sigma, grid_targets
+from cryoforum_plugin.training import grid_cross_entropy, grid_sigma, grid_targets
 from cryoforum_plugin.uncertainty import dispersions
 
 SPACING = 15.0
+BOX = 32  # the learning test's set (conftest.small_sim_set)
 
 
 def nearest_deg(probe: np.ndarray, grid: np.ndarray, sym: str) -> np.ndarray:
@@ -169,36 +169,36 @@ def test_model_dir_reproduces_the_grid_and_checkpoints_carry_it(tmp_path):
 
 
 # ------------------------------------------------------------------ learning
-BOX = 32
 
 
-@pytest.fixture
-def particles(small_sim_set):
-    return small_sim_set
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random ``pos`` score > a random ``neg`` score) (Mann-Whitney, no ties expected)."""
+    ranks = np.concatenate([pos, neg]).argsort().argsort() + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def test_grid_head_learns_far_below_chance_and_its_uncertainty_ranks_the_errors(particles, tmp_path):
-    """The set and pre-training of tests/test_train_from_map.py (where the quaternion head learns), with the grid
-    head at 15° on a narrower network: the held-out median error is far below chance (~126°), and the figure of
-    merit ranks the errors. Measured with seeds 3, 4, 5, 6 (one thread): medians 13.8°, 47.6°, 50.0°, 27.0°;
-    Spearman(uncertainty, error) 0.35, 0.43, 0.18, 0.43; mean figure of merit of the better half above the worse
-    half by 0.029, 0.058, 0.011, 0.039. (300 steps do not learn reliably, for this head or the quaternion head.)"""
-    cfg = TrainConfig(box=BOX, width=0.0625, batch=64, lr=1e-2, head="grid", grid_spacing=SPACING, dropout=0.0,
-                      l2=0.0, val_fraction=0.2, test_fraction=0.3, seed=3, epochs=0, pretrain_steps=500,
-                      pretrain_log_every=500, from_map=str(DEFAULT_MAP), synthetic_snr_start=40.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float reduction order depends on the thread count: pin it so the run is reproducible
-    try:
-        t = Trainer(particles, tmp_path / "m", cfg, torch.device("cpu"), progress=False)
-        t.train()
-        test = t.split["test"]
-        pred = predict(particles.subset(test), tmp_path / "m", progress=False)
-    finally:
-        torch.set_num_threads(threads)
+def test_grid_head_learns_far_below_chance_and_its_confidence_rejects_junk(pretrained_from_map, tmp_path):
+    """The pre-trained grid-head model of conftest.PRETRAIN_GRID (30° grid, 500 steps on projections of the map):
+    the held-out median error is far below chance (~126°), the trace scale is stored, and the figure of merit is
+    lower on images without the particle (pure noise; projections of another map) than on new particles of a second
+    set. Measured over seeds 3-7 at 1 and 2 threads (10 runs, AMD EPYC, torch 2.13 CPU): median 12.0-14.6°;
+    AUROC(figure of merit, particles vs pure noise) 0.89-1.00, vs another map 0.975-1.00: the thresholds below
+    (40°, 0.7, 0.85) leave a wide margin. The ranking of the errors among good particles is
+    not asserted: at this size (errors mostly within one 30° grid cell) it is not certain (Spearman 0.03-0.41 over
+    those runs); benchmarks/RESULTS.md measures it at a realistic size."""
+    from cryoforum_plugin.particles import read_star
+    from cryoforum_plugin.simulation import simulate
+
+    particles, test, model = (pretrained_from_map[k] for k in ("particles", "split", "model"))
+    test = test["test"]
+    pred = predict(particles.subset(test), model, progress=False)
     err = np.degrees(geodesic_errors(pred.quat, particles.quat[test]))
-    assert np.median(err) < 60, np.median(err)
-    scale = ModelDir(tmp_path / "m").trace_scale()
+    assert np.median(err) < 40, np.median(err)
+    scale = ModelDir(model).trace_scale()
     assert pred.evals is not None and scale is not None and scale != 1.0  # the grid head's trace scale is stored
-    good = err < np.median(err)
-    assert pred.fom[good].mean() > pred.fom[~good].mean(), (pred.fom[good].mean(), pred.fom[~good].mean())
-    assert spearman(-pred.fom, err) > 0.15, spearman(-pred.fom, err)
+    simulate(DEFAULT_MAP, tmp_path / "junk", n=200, box=BOX, snr=10.0, max_shift=2.0, seed=6, junk_fraction=0.6,
+             progress=False)
+    junk = read_star(tmp_path / "junk" / "truth.star").junk
+    fom = predict(read_star(tmp_path / "junk" / "particles.star"), model, progress=False).fom
+    for kind, least in ((1, 0.7), (3, 0.85)):  # pure noise, projections of another (blob) map
+        assert _auroc(fom[junk == 0], fom[junk == kind]) > least, (kind, _auroc(fom[junk == 0], fom[junk == kind]))

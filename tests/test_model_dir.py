@@ -55,3 +55,15 @@ def test_presets_fill_the_options_left_at_their_defaults():
         jobs.options(preset="cpu"))
     with pytest.raises(CryoforumError, match="preset"):
         TrainConfig.from_args({"preset": "fast"})
+
+
+def test_given_means_not_none_and_every_preset_option_is_left_unset_by_the_front_ends():
+    from cryoforum_plugin.train_config import PRESETS
+
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == manifest.train_options()
+    for name, preset in PRESETS.items():
+        assert set(preset) <= manifest.preset_options(), name  # a preset sets only options the front ends leave None
+    # a value equal to plugin.yaml's default is still the user's: kept over the preset's
+    cpu = TrainConfig.from_args({"preset": "cpu", "head": "qcqp", "epochs": 50, "l2_head": True, "box": None})
+    assert (cpu.head, cpu.epochs, cpu.l2_head, cpu.box) == ("qcqp", 50, True, PRESETS["cpu"]["box"])
+    assert TrainConfig.from_args({"epochs": None, "head": "grid"}) == TrainConfig(head="grid")  # no preset

@@ -17,7 +17,6 @@ from cryoforum_plugin.particles import ParticleSet
 from cryoforum_plugin.projection import Projector
 
 BOX, N = 32, 600
-torch.set_num_threads(1)
 
 
 def true_shape(k):  # per-pixel relative power of the test's noise; k in cycles per box (continuous)

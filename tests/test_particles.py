@@ -233,39 +233,44 @@ def _with_typed_fields(ps, seed=0):
     n = len(ps)
     prior = geometry.random_quats(n, rng)
     prior[::7] = np.nan  # rows without a prior pose
+    predicted = geometry.random_quats(n, rng)
+    predicted[1::5] = np.nan
     return dataclasses.replace(
         ps, uncertainty={"max": -rng.integers(1, 400, n) / 4.0, "trace": -rng.integers(1, 4000, n) / 4.0},
-        fom=rng.integers(0, 64, n) / 64.0, junk=rng.integers(0, 4, n).astype(np.int64), prior_quat=prior)
+        fom=rng.integers(0, 64, n) / 64.0, junk=rng.integers(0, 4, n).astype(np.int64), prior_quat=prior,
+        predicted_quat=predicted)
 
 
 def _assert_typed_equal(a, b, prior_tol=1e-5):
     for k in ("max", "trace"):
         assert np.array_equal(a.uncertainty[k], b.uncertainty[k]), k
     assert np.array_equal(a.fom, b.fom) and np.array_equal(a.junk, b.junk)
-    known = np.isfinite(a.prior_quat).all(axis=1)
-    assert np.array_equal(known, np.isfinite(b.prior_quat).all(axis=1))
-    assert geometry.geodesic(a.prior_quat[known], b.prior_quat[known]).max() < prior_tol
+    for name in ("prior_quat", "predicted_quat"):
+        qa, qb = getattr(a, name), getattr(b, name)
+        known = np.isfinite(qa).all(axis=1)
+        assert np.array_equal(known, np.isfinite(qb).all(axis=1)), name
+        assert geometry.geodesic(qa[known], qb[known]).max() < prior_tol, name
 
 
 def test_typed_fields_survive_star_cs_star_and_subset(tmp_path):
     """Uncertainty, figure of merit, junk label and prior pose are read by both readers, written by both writers
     (STAR columns / cryoforum/* .cs fields), survive STAR -> .cs -> STAR, and are sliced by subset()."""
-    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
+    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = _with_typed_fields(read_cs(path))
     assert ps.file_format == "cs" and ps.star_version is None and "alignments3D/error" in ps.numeric
     write_star(ps, tmp_path / "a.star")
     table = starfile.read(tmp_path / "a.star")["particles"]
-    for column in (*PRIOR_ANGLE_COLUMNS, "rlnCryoforumMaxDispersion", "rlnCryoforumTraceDispersion", FOM_COLUMN,
-                   JUNK_COLUMN):
+    for column in (*PRIOR_ANGLE_COLUMNS, *PREDICTED_ANGLE_COLUMNS, "rlnCryoforumMaxDispersion",
+                   "rlnCryoforumTraceDispersion", FOM_COLUMN, JUNK_COLUMN):
         assert column in table, column
     star = read_star(tmp_path / "a.star")
     assert star.file_format == "star" and star.star_version == "3.1"
     _assert_typed_equal(ps, star)
     write_cs(star, tmp_path / "b.cs")
     assert {"cryoforum/max_dispersion", "cryoforum/trace_dispersion", "cryoforum/fom", "cryoforum/junk",
-            "cryoforum/prior_pose"} <= set(Dataset.load(str(tmp_path / "b.cs")).fields())
+            "cryoforum/prior_pose", "cryoforum/predicted_pose"} <= set(Dataset.load(str(tmp_path / "b.cs")).fields())
     cs = read_cs(tmp_path / "b.cs")
     _assert_typed_equal(ps, cs)
     write_star(cs, tmp_path / "c.star")
@@ -289,6 +294,7 @@ def test_typed_fields_survive_star_cs_star_and_subset(tmp_path):
     assert np.array_equal(sub.fom, again.fom[rows]) and np.array_equal(sub.junk, again.junk[rows])
     assert np.array_equal(sub.uncertainty["trace"], again.uncertainty["trace"][rows])
     assert np.array_equal(sub.prior_quat, again.prior_quat[rows], equal_nan=True)
+    assert np.array_equal(sub.predicted_quat, again.predicted_quat[rows], equal_nan=True)
     mask = np.arange(len(d)) % 2 == 0
     assert np.array_equal(d.subset(mask).numeric["alignments3D/error"], ds["alignments3D/error"][mask])
     # a typed field set to None drops its column / field
@@ -322,3 +328,35 @@ def test_extra_columns_set_typed_fields(tmp_path):
     assert np.allclose(table[FOM_COLUMN], extra[FOM_COLUMN][::-1], atol=1e-6)
     assert np.array_equal(table["rlnMyExtra"], extra["rlnMyExtra"])
     assert np.array_equal(out.subset([1, 2]).fom, out.fom[[1, 2]])
+
+
+def test_one_half_set_assignment_keyed_by_uid(tmp_path):
+    """Gold standard: particles without a half-set get one from their uid alone (the same in any subset or order,
+    balanced), the input's half-sets are kept, and a set takes the half-sets of the same particles in another set
+    (the training set of a job) before hashing; reconstruction and refinement use this one function."""
+    import dataclasses
+
+    from cryoforum_plugin.particles import half_sets, uid_half_sets
+
+    path, proj, ds, _ = make_cs(tmp_path)
+    ps = read_cs(path)
+    n = len(ps)
+    uids = np.arange(1, 20001, dtype=np.uint64)  # consecutive uids, as a simple importer might number them
+    halves = uid_half_sets(uids)
+    assert set(np.unique(halves)) == {1, 2} and abs((halves == 1).mean() - 0.5) < 0.02
+    assert np.array_equal(uid_half_sets(uids[::-1]), halves[::-1])  # no dependence on order or neighbours
+    assert np.array_equal(uid_half_sets(uids[5000:7000]), halves[5000:7000])
+    free = dataclasses.replace(ps, half_set=np.zeros(n, np.int64))
+    assigned = free.with_half_sets()
+    assert np.array_equal(assigned.half_set, uid_half_sets(ps.uid))
+    assert np.array_equal(half_sets(free), assigned.half_set)
+    rows = np.array([7, 3, 11, 0])
+    assert np.array_equal(free.subset(rows).with_half_sets().half_set, assigned.half_set[rows])
+    assert np.array_equal(ps.with_half_sets().half_set, ds["alignments3D/split"] + 1)  # the input's are kept
+    mixed = dataclasses.replace(ps, half_set=np.where(np.arange(n) % 2 == 0, 0, ps.half_set))
+    like = dataclasses.replace(ps, half_set=3 - ps.half_set)  # the other set knows the even rows' half-sets
+    got = mixed.with_half_sets(like=like.subset(np.arange(0, n, 4))).half_set
+    rows = np.arange(n)
+    assert np.array_equal(got[rows % 2 == 1], ps.half_set[rows % 2 == 1])  # own half-sets win
+    assert np.array_equal(got[rows % 4 == 0], 3 - ps.half_set[rows % 4 == 0])  # from ``like`` by uid
+    assert np.array_equal(got[rows % 4 == 2], uid_half_sets(ps.uid[rows % 4 == 2]))  # else by uid

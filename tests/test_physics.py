@@ -67,3 +67,29 @@ def test_shift_moves_the_image_by_minus_the_origin():
     moved = ifft2c(fft2c(img) * shift_phase(origin, 32, +1.0)).real[0]
     y, x = np.unravel_index(int(moved.argmax()), moved.shape)
     assert (x, y) == (16 - 3, 16 + 2)
+
+
+def _delta_map(shape) -> np.ndarray:
+    """A map of ``shape`` with a single 1 at its centre voxel (index s // 2 on every axis, RELION's FFT centre)."""
+    vol = np.zeros(shape, np.float32)
+    vol[tuple(s // 2 for s in shape)] = 1.0
+    return vol
+
+
+def test_odd_and_non_cubic_maps_keep_their_centre_voxel_at_the_centre(tmp_path):
+    """read_map pads odd or non-cubic maps to an even cube around the centre voxel: the voxel at s // 2 lands at
+    n // 2 of the cube (was one voxel off per odd axis: (n - s) // 2 instead of n // 2 - s // 2). The real-space
+    pad/crop of fourier.py keeps the same convention for odd sizes."""
+    from cryoforum_plugin.fourier import pad_real
+    from cryoforum_plugin.images import read_map, write_mrc
+
+    for shape in [(33, 33, 33), (31, 25, 29), (32, 27, 30)]:
+        write_mrc(tmp_path / "m.mrc", _delta_map(shape), 1.5)
+        vol, apix = read_map(tmp_path / "m.mrc")
+        n = vol.shape[0]
+        assert vol.shape == (n, n, n) and n % 2 == 0 and apix == 1.5, (shape, vol.shape)
+        assert np.unravel_index(int(vol.argmax()), vol.shape) == (n // 2,) * 3, shape
+        assert vol.sum() == 1.0
+    for old, new in [(33, 34), (33, 40), (34, 33), (35, 31)]:
+        padded = pad_real(torch.from_numpy(_delta_map((old,) * 3)), new, 3).numpy()
+        assert np.unravel_index(int(padded.argmax()), padded.shape) == (new // 2,) * 3, (old, new)

@@ -78,9 +78,10 @@ def test_particles_at_a_finer_pixel_size_are_rescaled_to_the_model(model):
     assert corr(now, own) > 0.95 and corr(old, own) < corr(now, own) - 0.2, (corr(now, own), corr(old, own))
 
 
-def test_two_optics_groups_of_different_pixel_sizes_in_one_star(model):
-    d = model
-    _simulate(d / "c", 36, 3, 150, angles=d / "a" / "truth.star")  # 36 px over the field of view ...
+def _two_optics_groups(d, n):
+    """``d/mixed.star``: the first ``n`` particles of ``d/a`` (32 px, optics group 1) then the same poses simulated
+    at 36 px over the same field of view and re-boxed to 32 px (finer pixels, optics group 2)."""
+    _simulate(d / "c", 36, 3, n, angles=d / "a" / "truth.star")  # 36 px over the field of view ...
     stack = mrcfile.read(d / "c" / "particles.mrcs")[:, 2:34, 2:34]  # ... re-boxed to 32 px (finer pixels)
     with mrcfile.new(d / "c" / "boxed.mrcs", overwrite=True) as m:
         m.set_data(np.ascontiguousarray(stack, dtype=np.float32))
@@ -88,11 +89,16 @@ def test_two_optics_groups_of_different_pixel_sizes_in_one_star(model):
     c = starfile.read(d / "c" / "particles.star", always_dict=True)
     optics = pd.concat([a["optics"], c["optics"].assign(rlnOpticsGroup=2, rlnOpticsGroupName="opticsGroup2",
                                                         rlnImageSize=32)])
-    pa = a["particles"].iloc[:150].assign(rlnImageName=[f"{i + 1:06d}@a/particles.mrcs" for i in range(150)])
-    pc = c["particles"].iloc[:150].assign(rlnOpticsGroup=2,
-                                          rlnImageName=[f"{i + 1:06d}@c/boxed.mrcs" for i in range(150)])
+    pa = a["particles"].iloc[:n].assign(rlnImageName=[f"{i + 1:06d}@a/particles.mrcs" for i in range(n)])
+    pc = c["particles"].iloc[:n].assign(rlnOpticsGroup=2,
+                                        rlnImageName=[f"{i + 1:06d}@c/boxed.mrcs" for i in range(n)])
     starfile.write({"optics": optics, "particles": pd.concat([pa, pc])}, d / "mixed.star")
-    mixed = read_particles(d / "mixed.star")
+    return d / "mixed.star"
+
+
+def test_two_optics_groups_of_different_pixel_sizes_in_one_star(model):
+    d = model
+    mixed = read_particles(_two_optics_groups(d, 150))
     assert len(set(np.round(mixed.pixel_size, 3))) == 2
     quat = _predicted(mixed, d / "m")  # both groups hold the same 150 poses
     reference = _predicted(read_particles(d / "a" / "particles.star").subset(np.arange(150)), d / "m")
@@ -109,3 +115,44 @@ def test_particles_coarser_than_the_model_are_one_clear_error(model, capsys):
     assert code == 2 and "Nyquist" in err and "Traceback" not in err
     with pytest.raises(CryoforumError):
         jobs.predict(read_particles(d / "coarse" / "particles.star"), d / "m", device="cpu")
+
+
+def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp_path, capsys):
+    """Reconstruction, the noise estimate, refinement and pre-training from a map work on one grid: a STAR with two
+    optics groups of different pixel sizes is one CryoforumError naming the file, the first row of the second
+    group and the fix (the CLI prints it as one line, exit 2), never a map or poses computed at the wrong
+    sampling; prediction resamples each group instead (test above)."""
+    from cryoforum_plugin.images import write_mrc
+    from cryoforum_plugin.noise import estimate_noise_spectrum
+    from cryoforum_plugin.simulation import resized_map
+
+    _simulate(tmp_path / "a", 32, 1, 12)
+    star = _two_optics_groups(tmp_path, 12)
+    ps = read_particles(star)
+    vol, apix = resized_map(DEFAULT_MAP, 32)
+    write_mrc(tmp_path / "ref.mrc", vol.numpy(), apix)
+
+    def clear(exc):
+        text = str(exc.value)
+        assert exc.value.path == star and exc.value.row == 12, text
+        assert "row 13" in text and "optics group 2" in text and "Fix:" in text, text
+
+    for step in (lambda: jobs.reconstruct(ps, tmp_path / "x.mrc", device="cpu"),
+                 lambda: estimate_noise_spectrum(ps, vol.numpy(), map_pixel_size=apix),
+                 lambda: jobs.refine(ps, jobs.Reference.from_files(reference=tmp_path / "ref.mrc"), device="cpu")):
+        with pytest.raises(CryoforumError) as exc:
+            step()
+        clear(exc)
+    commands = {"reconstruction": ["reconstruct", str(star), "--out", str(tmp_path / "x.mrc")],
+                "refinement": ["refine", "--particles", str(star), "--reference", str(tmp_path / "ref.mrc"),
+                               "--out", str(tmp_path / "r")],
+                "pre-training from a map": ["train", "--particles", str(star), "--out", str(tmp_path / "m"),
+                                            "--preset", "paper", "--pretrain-steps", "5", "--epochs", "0",
+                                            "--box", "32", "--width", "0.125"]}
+    for step, args in commands.items():
+        capsys.readouterr()
+        assert cli(args) == 2, step
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert str(star) in err and "row 13" in err and step in err and "one pixel size" in err, err
+    assert not (tmp_path / "x.mrc").exists() and not (tmp_path / "r" / "refined.star").exists()

@@ -27,7 +27,6 @@ from cryoforum_plugin.refinement import (
 )
 from cryoforum_plugin.simulation import resized_map
 
-torch.set_num_threads(1)
 
 
 def make_particles(path, vol, apix, n, seed, snr=0.1, max_shift=3.0, half_set=None, sign=1.0):
@@ -195,21 +194,34 @@ def test_symmetric_map_d2(tmp_path):
 
 
 def test_gold_standard_half_maps(asym, tmp_path):
-    """Half-set 1 particles are matched against half1, half-set 2 against half2, unassigned ones against a seeded
-    random half. half2 here is the map with inverted contrast, so the sign of a particle's score says which half
-    it used."""
+    """Half-set 1 particles are matched against half1, half-set 2 against half2, unassigned ones against the half
+    that ``particles.uid_half_sets`` gives them, which is also the half-map the reconstruction puts them in: no
+    particle is matched against the other half's map, and the two half-maps hold disjoint particles. half2 here is
+    the map with inverted contrast: a particle's result is the one it gets when every particle is matched against
+    half1 (or every one against half2), which says which half it used."""
+    from cryoforum_plugin.particles import uid_half_sets
+
     vol, apix = asym["vol"], asym["apix"]
     half = np.array([1] * 12 + [2] * 12 + [0] * 24)
     ps = make_particles(tmp_path / "gs.mrcs", vol, apix, 48, seed=7, half_set=half)
     kw = {"reference_pixel_size": apix, "global_search": "none", "start_error_deg": np.full(48, 4.0), "progress": False}
     ref = {"half1": vol, "half2": -vol}
     res = refine(starts(ps, ps.quat, ps.shift_A), ref, **kw)
-    on_half1 = res.score > 0
-    assert on_half1[:12].all() and not on_half1[12:24].any()
-    frac = on_half1[24:].mean()
-    assert 0.2 <= frac <= 0.8, frac
+    assert (res.score[:12] > 0).all() and (res.score[12:24] < 0).all()
+    by_uid = uid_half_sets(ps.uid[24:])
+    assert 0.2 <= (by_uid == 1).mean() <= 0.8
+    used = np.concatenate([half[:24], by_uid])
+    alone = {h: refine(starts(dataclasses.replace(ps, half_set=np.full(48, h)), ps.quat, ps.shift_A), ref, **kw)
+             for h in (1, 2)}
+    assert (np.abs(alone[1].score - alone[2].score) > 1e-3).all()  # the two maps give distinguishable results
+    assert np.allclose(res.score, np.where(used == 1, alone[1].score, alone[2].score), atol=1e-5)
     again = refine(starts(ps, ps.quat, ps.shift_A), ref, **kw)
-    assert np.array_equal(again.score > 0, on_half1)
+    assert np.array_equal(again.score, res.score)
+    # the reconstruction's half-maps: half-set h (given or by uid) and nothing else
+    maps = reconstruct(ps, halves=True, progress=False)
+    for h in (1, 2):
+        alone = reconstruct(ps.subset(used == h), progress=False)["full"]
+        assert np.allclose(maps[f"half{h}"], alone, atol=1e-5 * np.abs(alone).max())
 
 
 def test_reference_resampling_and_incompatible_references(asym):

@@ -60,8 +60,12 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
     from cryoforum_plugin.particles import read_star
 
     refined, predicted = read_star(job / "refined.star"), read_star(job / "predicted.star")
-    assert np.degrees(np.median(geodesic_errors(refined.quat, relion_set["quat"]))) < 5
-    assert np.degrees(np.median(geodesic_errors(predicted.quat, relion_set["quat"]))) > 20
+    refined_err = np.degrees(geodesic_errors(refined.quat, relion_set["quat"]))
+    predicted_err = np.degrees(geodesic_errors(predicted.quat, relion_set["quat"]))
+    # every particle has the network's pose in predicted.star, and the refinement ends within 5° whatever the
+    # network's accuracy (this one-epoch network is near chance; a better one must pass too)
+    assert len(predicted) == len(refined) == 400 and np.isfinite(predicted.quat).all()
+    assert np.median(refined_err) < 5 and np.median(refined_err) <= np.median(predicted_err) + 1.0
     shift_px = np.linalg.norm(refined.shift_A - relion_set["shift_A"], axis=1) / relion_set["pixel_size"]
     assert np.median(shift_px) < 1.0
     # real relion_reconstruct of the refined STAR matches the true map about as well as the true poses do

@@ -16,7 +16,6 @@ from cryoforum_plugin.projection import Projector
 from cryoforum_plugin.synthetic import MapParticleSimulator, snr_at
 
 BOX = 32
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

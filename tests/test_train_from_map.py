@@ -25,7 +25,6 @@ from cryoforum_plugin.training import (
     symmetric_chordal,
 )
 
-torch.set_num_threads(1)
 BOX = 32
 SMALL = dict(box=BOX, width=0.125, batch=32, lr=3e-3, head="quat", loss="single", dropout=0.0, l2=0.0,
              val_fraction=0.2, test_fraction=0.3, seed=3)
@@ -36,21 +35,17 @@ def particles(small_sim_set):
     return small_sim_set
 
 
-def test_pretraining_from_the_map_learns_far_below_chance_on_held_out_particles(particles, tmp_path):
-    cfg = TrainConfig(**{**SMALL, "batch": 64, "lr": 1e-2}, epochs=0, pretrain_steps=500, pretrain_log_every=100,
-                      from_map=str(DEFAULT_MAP), synthetic_snr_start=40.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float reduction order depends on the thread count: pin it so the run is reproducible
-    try:
-        t = Trainer(particles, tmp_path / "m", cfg, torch.device("cpu"), progress=False)
-        t.train()
-    finally:
-        torch.set_num_threads(threads)
-    test = t.split["test"]
-    pred = predict(particles.subset(test), tmp_path / "m", progress=False)
+def test_pretraining_from_the_map_learns_far_below_chance_on_held_out_particles(pretrained_from_map):
+    """Pre-training only on projections of the map (conftest.PRETRAIN_GRID: grid head at 30°, 500 steps, no real
+    epoch) predicts held-out real particles far below chance (~126°). Measured over seeds 3-7 with 1 and 2 threads
+    (10 runs, AMD EPYC, torch 2.13 CPU): medians 12.0-14.6°, p90 20.9-25.8°; the threshold leaves a margin of
+    more than 2x. (The quaternion head on a 15° setting, used before, spread 13.8-65° over seeds.)"""
+    particles, test = pretrained_from_map["particles"], pretrained_from_map["split"]["test"]
+    model_path = pretrained_from_map["model"]
+    pred = predict(particles.subset(test), model_path, progress=False)
     err = np.degrees(geodesic_errors(pred.quat, particles.quat[test]))
-    assert np.median(err) < 60, np.median(err)  # chance: ~126°
-    model = ModelDir(tmp_path / "m")
+    assert np.median(err) < 40, np.median(err)  # chance: ~126°
+    model = ModelDir(model_path)
     info = model.synthetic()
     assert info["map"] == str(DEFAULT_MAP) and "map_file" not in info
     assert abs(info["data_snr"] - 10.0) < 3 and info["snr"] == info["data_snr"] and info["snr_start"] == 40.0

@@ -183,12 +183,18 @@ def _reference(job, project_dir: str) -> jobs.Reference:
     return jobs.Reference.from_files(path("map"))
 
 
+def job_options(args):
+    """The pipeline options (``jobs.options``) of a parsed ``cryoforum cryosparc`` command line: the options the
+    user gave, None for training options not given (``--preset`` fills them)."""
+    names = [p["name"] for p in manifest.pipeline_params()]
+    return jobs.options(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
 def _work(job, project, args, target) -> dict:
     events = CryosparcEvents(job)
     project_dir = str(project.dir)
     job_dir = Path(project_dir) / job.uid
-    names = [p["name"] for p in manifest.pipeline_params()]
-    opts = jobs.options(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    opts = job_options(args)
     train_set = None
     if args.train:
         ds = job.load_input("train_particles")

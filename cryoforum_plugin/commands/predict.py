@@ -11,7 +11,7 @@ def add_args(parser):
 
 def main(args):
     set_threads(args.threads)
-    ps = read_particles(args.particles, project_dir=args.project_dir)
+    ps = read_particles(args.particles, project_dir=args.project_dir).with_half_sets()  # written with the poses
     out, pred = jobs.predict(ps, args.model, device=args.device, batch=args.batch, tta=args.tta, workers=args.workers)
     if out is None:  # a non-zero rank of a distributed run: rank 0 writes the merged output
         return

@@ -45,7 +45,7 @@ def particle_weights(ps, column: str) -> np.ndarray:
 
 def main(args):
     start = time.time()
-    ps = read_particles(args.particles, project_dir=args.project_dir)
+    ps = read_particles(args.particles, project_dir=args.project_dir).with_half_sets()  # --halves: as the refinement
     ps.validate_images()
     if not args.ctf:
         ps.ctf = None

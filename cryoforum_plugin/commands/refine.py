@@ -11,7 +11,7 @@ def add_args(parser):
 
 def main(args):
     set_threads(args.threads)
-    ps = read_particles(args.particles, project_dir=args.project_dir)
+    ps = read_particles(args.particles, project_dir=args.project_dir).with_half_sets()  # gold standard, written back
     reference = jobs.Reference.from_files(args.reference, args.half_maps)
     refined, result = jobs.refine(ps, reference, sym=args.sym, global_search=args.global_search, trust=args.trust,
                                   search_radius=args.search_radius, max_shift=args.max_shift,
