@@ -352,6 +352,10 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
         train_set = train_set.with_half_sets()
     if predict_set is not None:
         predict_set = predict_set.with_half_sets(like=train_set)
+    if opts.refine:  # refinement (and its default reference) work on one grid: say so before hours of training
+        for part in (train_set, predict_set):
+            if part is not None:
+                part.require_one_sampling("refinement")
     if train_set is not None:
         events.message(f"[cryo-forum] training on {len(train_set)} particles -> {model_dir}")
         config = TrainConfig.from_args(opts)
