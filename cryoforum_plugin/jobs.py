@@ -46,6 +46,13 @@ def options(**values) -> argparse.Namespace:
     return argparse.Namespace(**{**known, **{k: v for k, v in values.items() if v is not None}})
 
 
+def options_from(args, **values) -> argparse.Namespace:
+    """``options`` from a front end's parsed command line (an argparse namespace): every pipeline option it
+    carries, as given (None = not given), then ``values`` (the front end's own settings, e.g. its thread count)."""
+    names = [p["name"] for p in manifest.pipeline_params()]
+    return options(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, **values})
+
+
 # ---------------------------------------------------------------------------------------------- train / predict
 
 

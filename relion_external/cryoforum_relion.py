@@ -96,11 +96,9 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
 def job_options(args) -> argparse.Namespace:
     """The pipeline options (``jobs.options``) of a parsed job: the options the form, the config YAML and the
     additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
-    from cryoforum_plugin import jobs, manifest
+    from cryoforum_plugin import jobs
 
-    names = [p["name"] for p in manifest.pipeline_params()]
-    opts = jobs.options(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, "threads": args.j,
-                           "resume": True})
+    opts = jobs.options_from(args, threads=args.j, resume=True)
     if str(args.gpu).strip():
         opts.device = f"cuda:{args.gpu}"
     return opts

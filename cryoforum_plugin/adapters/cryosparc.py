@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import jobs, manifest
+from .. import jobs
 from ..errors import CryoforumError
 from ..particles import from_dataset, to_dataset, uncertainty_dataset
 from ..progress import Events
@@ -186,8 +186,7 @@ def _reference(job, project_dir: str) -> jobs.Reference:
 def job_options(args):
     """The pipeline options (``jobs.options``) of a parsed ``cryoforum cryosparc`` command line: the options the
     user gave, None for training options not given (``--preset`` fills them)."""
-    names = [p["name"] for p in manifest.pipeline_params()]
-    return jobs.options(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    return jobs.options_from(args)
 
 
 def _work(job, project, args, target) -> dict:

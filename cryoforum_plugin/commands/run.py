@@ -20,9 +20,7 @@ def add_args(parser):
 
 def job_options(args) -> argparse.Namespace:
     """The pipeline options of a parsed ``run`` (or ``demo``) command line: every engine option as given."""
-    names = [p["name"] for p in manifest.pipeline_params()]
-    return jobs.options(**{n: getattr(args, n) for n in names if hasattr(args, n)}, refine=bool(args.refine),
-                        resume=bool(getattr(args, "resume", False)))
+    return jobs.options_from(args, refine=bool(args.refine), resume=bool(getattr(args, "resume", False)))
 
 
 def main(args):
