@@ -27,12 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
-from cryoforum_plugin.particles import read_star  # noqa: E402
-from cryoforum_plugin.prediction import predict  # noqa: E402
-from cryoforum_plugin.simulation import simulate  # noqa: E402
-from cryoforum_plugin.train_config import PRESETS  # noqa: E402
-from cryoforum_plugin.training import Trainer, TrainConfig  # noqa: E402
+from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
+from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.infer.predict import predict  # noqa: E402
+from cryoforum_plugin.sim.dataset import simulate  # noqa: E402
+from cryoforum_plugin.train.config import PRESETS  # noqa: E402
+from cryoforum_plugin.train.trainer import Trainer, TrainConfig  # noqa: E402
 
 MAPS_DIR = ROOT / "benchmarks" / "data"  # real third-party maps, each with its licence file (README.md there)
 MAPS = {"asym": (MAPS_DIR / "5j0n_asym.mrc", "C1"), "betagal": (MAPS_DIR / "betagal_D2_100px_3.54A.mrc", "D2")}

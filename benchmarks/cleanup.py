@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from cryoforum_plugin.cli import main as cli  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
-from cryoforum_plugin.images import write_mrc  # noqa: E402
-from cryoforum_plugin.simulation import resized_map  # noqa: E402
+from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
+from cryoforum_plugin.sim.dataset import resized_map  # noqa: E402
 
 
 def main(argv=None):
@@ -58,9 +58,9 @@ def main(argv=None):
 
         import numpy as np
 
-        from cryoforum_plugin import jobs
-        from cryoforum_plugin.model_dir import ModelDir
-        from cryoforum_plugin.particles import read_particles
+        from cryoforum_plugin.pipeline import job as jobs
+        from cryoforum_plugin.train.model_dir import ModelDir
+        from cryoforum_plugin.formats.particles import read_particles
         from cryoforum_plugin.progress import Events
 
         parts = read_particles(sim / "particles.star")

@@ -26,14 +26,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import PRETRAIN_GRID  # noqa: E402
 
-from cryoforum_plugin.cleanup import auroc, spearman  # noqa: E402
+from cryoforum_plugin.infer.select import auroc, spearman  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
-from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
-from cryoforum_plugin.particles import read_star  # noqa: E402
-from cryoforum_plugin.prediction import predict  # noqa: E402
-from cryoforum_plugin.simulation import simulate  # noqa: E402
-from cryoforum_plugin.train_config import TrainConfig  # noqa: E402
-from cryoforum_plugin.training import Trainer  # noqa: E402
+from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
+from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.infer.predict import predict  # noqa: E402
+from cryoforum_plugin.sim.dataset import simulate  # noqa: E402
+from cryoforum_plugin.train.config import TrainConfig  # noqa: E402
+from cryoforum_plugin.train.trainer import Trainer  # noqa: E402
 
 
 def main(argv=None):

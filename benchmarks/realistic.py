@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin import geometry  # noqa: E402
+from cryoforum_plugin.physics import rotations as geometry  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
-from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
-from cryoforum_plugin.images import write_mrc  # noqa: E402
-from cryoforum_plugin.particles import read_star  # noqa: E402
-from cryoforum_plugin.simulation import resized_map  # noqa: E402
-from cryoforum_plugin.training import Trainer, TrainConfig  # noqa: E402
+from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
+from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
+from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.sim.dataset import resized_map  # noqa: E402
+from cryoforum_plugin.train.trainer import Trainer, TrainConfig  # noqa: E402
 
 OPTIONS = {"paper defaults": {}, "augment + symmetric A": {"augment_psi": True, "qcqp_param": "symmetric"}}
 BASE = "augment_psi=true,qcqp_param=symmetric"
@@ -73,8 +73,8 @@ def parse_options(text: str, set_dir: Path) -> dict:
 def held_out_report(ps, model_dir) -> dict:
     """A trained model on its own held-out test split: median / mean / p90 error (degrees) and how well its
     confidence ranks the errors (Spearman of uncertainty and error, AUROC of the uncertainty for an error > 15°)."""
-    from cryoforum_plugin.cleanup import auroc, spearman
-    from cryoforum_plugin.prediction import predict
+    from cryoforum_plugin.infer.select import auroc, spearman
+    from cryoforum_plugin.infer.predict import predict
 
     split = json.loads((Path(model_dir) / "split.json").read_text())
     rows = np.asarray(split["test"]["rows"] if isinstance(split["test"], dict) else split["test"])
@@ -147,7 +147,7 @@ def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int, noise: str
                         "--add_noise", "--white_noise", str(np.sqrt(signal / snr))], cwd=d, check=True,
                        capture_output=True)
         return d / "parts.star"
-    from cryoforum_plugin.noise import coloured_noise, lorentzian_with_bump, relative_spectrum
+    from cryoforum_plugin.physics.noise import coloured_noise, lorentzian_with_bump, relative_spectrum
 
     spectrum = relative_spectrum(lorentzian_with_bump(), box, apix) * (signal / snr)  # per-pixel variance signal/snr
     gen = torch.Generator().manual_seed(seed)

@@ -40,11 +40,12 @@ from scipy.spatial.transform import Rotation
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin import geometry, symmetry  # noqa: E402
-from cryoforum_plugin.images import write_mrc  # noqa: E402
-from cryoforum_plugin.particles import read_star  # noqa: E402
-from cryoforum_plugin.reconstruction import reconstruct  # noqa: E402
-from cryoforum_plugin.refinement import refine  # noqa: E402
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry  # noqa: E402
+from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
+from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.physics.reconstruct import reconstruct  # noqa: E402
+from cryoforum_plugin.refine.refinement import refine  # noqa: E402
 from realistic import make_relion_set  # noqa: E402  (the same relion_project set as benchmarks/realistic.py)
 
 
@@ -190,7 +191,7 @@ def main(argv=None):
             if args.model is None:
                 print("network start skipped: pass --model DIR")
                 continue
-            from cryoforum_plugin.prediction import predict
+            from cryoforum_plugin.infer.predict import predict
 
             pred = predict(test, args.model, progress=False)
             q0, mode = pred.quat, "auto"

@@ -48,12 +48,12 @@ def measure(data: str, box: int, width: float, batch: int, workers: int, out: st
     forward pass."""
     import torch
 
-    from cryoforum_plugin.jobs import write_predictions
-    from cryoforum_plugin.image_source import auto_workers
-    from cryoforum_plugin.particles import read_particles
-    from cryoforum_plugin.prediction import predict, with_predictions
-    from cryoforum_plugin.model_dir import ModelDir
-    from cryoforum_plugin.train_config import TrainConfig, build
+    from cryoforum_plugin.pipeline.job import write_predictions
+    from cryoforum_plugin.formats.loader import auto_workers
+    from cryoforum_plugin.formats.particles import read_particles
+    from cryoforum_plugin.infer.predict import predict, with_predictions
+    from cryoforum_plugin.train.model_dir import ModelDir
+    from cryoforum_plugin.train.config import TrainConfig, build
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = Path(out) / f"model_b{box}_w{width}"
@@ -113,7 +113,7 @@ def main(argv=None):
         print(json.dumps(measure(data, int(box), args.width, args.batch, int(workers), str(args.work))))
         return
     from cryoforum_plugin.data import DEFAULT_MAP
-    from cryoforum_plugin.simulation import simulate
+    from cryoforum_plugin.sim.dataset import simulate
 
     out_json = args.json or args.work / "throughput.json"
     rows = json.loads(out_json.read_text()) if out_json.exists() else []

@@ -56,9 +56,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin.evaluation import geodesic_errors  # noqa: E402
-from cryoforum_plugin.fsc import fsc_curve, resolution  # noqa: E402
-from cryoforum_plugin.particles import read_star  # noqa: E402
+from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
+from cryoforum_plugin.physics.fsc import fsc_curve, resolution  # noqa: E402
+from cryoforum_plugin.formats.particles import read_star  # noqa: E402
 from realistic import make_relion_set  # noqa: E402  (the same relion_project set as benchmarks/realistic.py)
 
 CRYOFORUM = str(ROOT / ".venv" / "bin" / "cryoforum") if (ROOT / ".venv/bin/cryoforum").exists() else "cryoforum"

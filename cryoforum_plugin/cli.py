@@ -10,8 +10,9 @@ import argparse
 import importlib
 import sys
 
-from . import __version__, manifest
-from .errors import CryoforumError
+from cryoforum_plugin import __version__
+from cryoforum_plugin import manifest
+from cryoforum_plugin.errors import CryoforumError
 
 COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "refine", "evaluate", "filter",
             "report", "run", "demo", "cryosparc"]
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         print(f"cryoforum {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
         return 130
     finally:
-        from .distributed import shutdown
+        from cryoforum_plugin.runtime import shutdown
 
         shutdown(wait=ok)  # no-op unless started by torchrun
     return int(result or 0)

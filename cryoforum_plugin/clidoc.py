@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from . import manifest
+from cryoforum_plugin import manifest
 
 
 def _default(p: dict) -> str:

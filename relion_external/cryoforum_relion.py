@@ -83,7 +83,7 @@ class RelionEvents(Events):
 
 def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
     """RELION_OUTPUT_NODES.star with both the 3.1 integer type and the 4/5 label (one file for every version)."""
-    from cryoforum_plugin.atomic import write_text
+    from cryoforum_plugin.formats.atomic import write_text
 
     lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
              "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
@@ -96,7 +96,7 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
 def job_options(args) -> argparse.Namespace:
     """The pipeline options (``jobs.options``) of a parsed job: the options the form, the config YAML and the
     additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
-    from cryoforum_plugin import jobs
+    from cryoforum_plugin.pipeline import job as jobs
 
     opts = jobs.options_from(args, threads=args.j, resume=True)
     if str(args.gpu).strip():
@@ -107,9 +107,9 @@ def job_options(args) -> argparse.Namespace:
 def run(args, job_dir: Path) -> list[tuple[str, str]]:
     """The job itself: RELION's inputs -> ``jobs`` -> RELION's outputs; returns the output nodes (paths
     relative to the project directory)."""
-    from cryoforum_plugin import jobs
+    from cryoforum_plugin.pipeline import job as jobs
     from cryoforum_plugin.errors import CryoforumError
-    from cryoforum_plugin.particles import read_particles
+    from cryoforum_plugin.formats.particles import read_particles
 
     events = RelionEvents(job_dir)
     if not args.in_parts:
@@ -124,11 +124,11 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
         model_dir = Path(args.model)
     if args.mode == "train":
         events.message(f"[cryo-forum] training on {args.in_parts} -> {model_dir}")
-        from cryoforum_plugin.train_config import TrainConfig
+        from cryoforum_plugin.train.config import TrainConfig
 
         jobs.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
                    workers=opts.workers, cache_gb=opts.cache_gb, events=events)
-        from cryoforum_plugin.model_dir import ModelDir
+        from cryoforum_plugin.train.model_dir import ModelDir
 
         return [(str(ModelDir(model_dir).best_path), "model")]
     opts.refine = args.refine == "yes"

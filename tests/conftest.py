@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.simulation import resized_map
-from cryoforum_plugin.images import write_mrc
+from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.formats.mrc import write_mrc
 
 DATA = Path(__file__).resolve().parent / "data"  # real third-party files (tests/data/README.md)
 RELION_BINARIES = ("relion_project", "relion_reconstruct", "relion_pipeliner", "relion_refine")
@@ -105,8 +105,8 @@ def relion_set(relion, small_map, tmp_path_factory):
 def small_sim_set(tmp_path_factory):
     """300 simulated particles of the default map, 32 px, SNR 10, shifts up to 2 px: the set the pre-training
     tests (tests/test_train_from_map.py, tests/test_grid_head.py) learn on."""
-    from cryoforum_plugin.particles import read_star
-    from cryoforum_plugin.simulation import simulate
+    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.sim.dataset import simulate
 
     d = tmp_path_factory.mktemp("small_sim")
     simulate(DEFAULT_MAP, d / "sim", n=300, box=32, snr=10.0, max_shift=2.0, seed=5, progress=False)
@@ -129,8 +129,8 @@ def pretrained_from_map(small_sim_set, tmp_path_factory):
     'particles': the set}. Trained once per session (~30 s on 2 cores)."""
     import torch
 
-    from cryoforum_plugin.train_config import TrainConfig
-    from cryoforum_plugin.training import Trainer
+    from cryoforum_plugin.train.config import TrainConfig
+    from cryoforum_plugin.train.trainer import Trainer
 
     model = tmp_path_factory.mktemp("pretrained") / "m"
     cfg = TrainConfig(**PRETRAIN_GRID, from_map=str(DEFAULT_MAP))

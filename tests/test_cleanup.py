@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import starfile
 
-from cryoforum_plugin.cleanup import auroc, calibrate_threshold, keep_by_quantile, risk_coverage, spearman
+from cryoforum_plugin.infer.select import auroc, calibrate_threshold, keep_by_quantile, risk_coverage, spearman
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
@@ -52,7 +52,7 @@ def test_filter_and_report_commands(tmp_path):
     rej = Dataset.load(str(d / "f" / "rejected.cs"))
     assert set(kept["uid"]) | set(rej["uid"]) == set(orig["uid"]) and not set(kept["uid"]) & set(rej["uid"])
     assert set(kept["blob/path"]) == set(orig["blob/path"])  # the same images (project-relative), not a re-import
-    from cryoforum_plugin.particles import read_cs
+    from cryoforum_plugin.formats.particles import read_cs
 
     assert set(read_cs(d / "f" / "rejected.cs", project_dir=d / "sim").image_path) == set(
         read_cs(d / "sim" / "particles.cs").image_path)
@@ -86,10 +86,10 @@ def test_cs_prediction_weights_and_target_error_match_star(tmp_path):
 
     from cryosparc.dataset import Dataset
 
-    from cryoforum_plugin import geometry
-    from cryoforum_plugin.cleanup import read_uncertainty
+    from cryoforum_plugin.physics import rotations as geometry
+    from cryoforum_plugin.infer.select import read_uncertainty
     from cryoforum_plugin.commands.reconstruct import particle_weights
-    from cryoforum_plugin.particles import read_particles, write_cs, write_star
+    from cryoforum_plugin.formats.particles import read_particles, write_cs, write_star
 
     d = tmp_path
     n = 80

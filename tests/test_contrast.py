@@ -11,15 +11,15 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin import jobs
+from cryoforum_plugin.pipeline import job as jobs
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.image_source import ImageSource
-from cryoforum_plugin.noise import estimate_noise_spectrum
-from cryoforum_plugin.particles import IMAGE_SIGN_STAR, read_particles
-from cryoforum_plugin.reconstruction import reconstruct
-from cryoforum_plugin.refinement import refine
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.formats.loader import ImageSource
+from cryoforum_plugin.physics.noise import estimate_noise_spectrum
+from cryoforum_plugin.formats.particles import IMAGE_SIGN_STAR, read_particles
+from cryoforum_plugin.physics.reconstruct import reconstruct
+from cryoforum_plugin.refine.refinement import refine
+from cryoforum_plugin.sim.dataset import resized_map
 
 from conftest import DATA
 

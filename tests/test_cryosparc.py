@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.images import write_mrc
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.formats.mrc import write_mrc
+from cryoforum_plugin.sim.dataset import resized_map
 
 import loopback_cryosparc
 

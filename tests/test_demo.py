@@ -5,7 +5,7 @@ import json
 from cryoforum_plugin import manifest
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.commands.demo import DATA
-from cryoforum_plugin.model_dir import ModelDir
+from cryoforum_plugin.train.model_dir import ModelDir
 
 
 def test_demo_tiny(tmp_path, capsys):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import starfile
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 

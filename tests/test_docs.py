@@ -6,7 +6,9 @@ from pathlib import Path
 
 import tomllib
 
-from cryoforum_plugin import __version__, clidoc, manifest
+from cryoforum_plugin import __version__
+from cryoforum_plugin import clidoc
+from cryoforum_plugin import manifest
 from cryoforum_plugin.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,18 +8,19 @@ import pytest
 import starfile
 import torch
 
-from cryoforum_plugin import geometry, symmetry
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.model import OrientationNet, gram_schmidt_6d, matrix_to_quat_torch, qcqp_matrix, qcqp_solve
-from cryoforum_plugin.fourier import fft2c, ifft2c, radius_2d
-from cryoforum_plugin.geometry import psi_rotation_quats
-from cryoforum_plugin.preprocess import LOWPASS_FRACTIONS, Preprocess, rotate_images
-from cryoforum_plugin.projection import Projector
-from cryoforum_plugin.simulation import resized_map
-from cryoforum_plugin.training import curriculum, sample_pairs
-from cryoforum_plugin.uncertainty import dispersions, figure_of_merit
+from cryoforum_plugin.nn.model import OrientationNet, gram_schmidt_6d, matrix_to_quat_torch, qcqp_matrix, qcqp_solve
+from cryoforum_plugin.physics.fourier import fft2c, ifft2c, radius_2d
+from cryoforum_plugin.physics.rotations import psi_rotation_quats
+from cryoforum_plugin.nn.preprocess import LOWPASS_FRACTIONS, Preprocess, rotate_images
+from cryoforum_plugin.physics.projector import Projector
+from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.train.trainer import curriculum, sample_pairs
+from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit
 
 
 def test_qcqp_head_solves_the_qcqp_and_has_finite_gradients_when_degenerate():
@@ -162,8 +163,8 @@ def test_training_writes_model_dir_and_resumes(tiny_run, tmp_path):
 
 
 def test_resume_after_interruption(tiny_run, tmp_path):
-    from cryoforum_plugin.particles import read_star
-    from cryoforum_plugin.training import Trainer, TrainConfig
+    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")
     cfg = TrainConfig(box=32, width=0.125, epochs=3, batch=16)
@@ -189,8 +190,8 @@ def test_resume_after_interruption(tiny_run, tmp_path):
 
 def test_streamed_training_with_loader_processes_equals_cached_training(tiny_run, tmp_path):
     """A set too large for the cache is streamed by loader processes: same batches, same order, same model."""
-    from cryoforum_plugin.particles import read_star
-    from cryoforum_plugin.training import Trainer, TrainConfig
+    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")
     cfg = TrainConfig(box=32, width=0.125, epochs=2, batch=16, augment_psi=True)
@@ -231,8 +232,8 @@ def test_predict_outputs_keep_columns_and_uids(tiny_run):
 
 
 def test_training_needs_poses(tmp_path, tiny_run):
-    from cryoforum_plugin.particles import read_star
-    from cryoforum_plugin.training import Trainer, TrainConfig
+    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")
     ps.quat[5] = np.nan

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 
 angles = st.tuples(st.floats(-180, 180), st.floats(0.5, 179.5), st.floats(-180, 180))
 

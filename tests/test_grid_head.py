@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin import geometry, symmetry
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.evaluation import geodesic_errors
-from cryoforum_plugin.model import OrientationNet, grid_distribution
-from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.prediction import predict
-from cryoforum_plugin.preprocess import Preprocess
-from cryoforum_plugin.train_config import TrainConfig
-from cryoforum_plugin.training import grid_cross_entropy, grid_sigma, grid_targets
-from cryoforum_plugin.uncertainty import dispersions
+from cryoforum_plugin.infer.metrics import geodesic_errors
+from cryoforum_plugin.nn.model import OrientationNet, grid_distribution
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.infer.predict import predict
+from cryoforum_plugin.nn.preprocess import Preprocess
+from cryoforum_plugin.train.config import TrainConfig
+from cryoforum_plugin.train.trainer import grid_cross_entropy, grid_sigma, grid_targets
+from cryoforum_plugin.nn.uncertainty import dispersions
 
 SPACING = 15.0
 BOX = 32  # the learning test's set (conftest.small_sim_set)
@@ -186,8 +187,8 @@ def test_grid_head_learns_far_below_chance_and_its_confidence_rejects_junk(pretr
     (40°, 0.7, 0.85) leave a wide margin. The ranking of the errors among good particles is
     not asserted: at this size (errors mostly within one 30° grid cell) it is not certain (Spearman 0.03-0.41 over
     those runs); benchmarks/RESULTS.md measures it at a realistic size."""
-    from cryoforum_plugin.particles import read_star
-    from cryoforum_plugin.simulation import simulate
+    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.sim.dataset import simulate
 
     particles, test, model = (pretrained_from_map[k] for k in ("particles", "split", "model"))
     test = test["test"]

@@ -5,10 +5,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoforum_plugin.image_source import ImageSource
+from cryoforum_plugin.formats.loader import ImageSource
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.images import StackReader, stack_shape
-from cryoforum_plugin.particles import read_star
+from cryoforum_plugin.formats.mrc import StackReader, stack_shape
+from cryoforum_plugin.formats.particles import read_star
 
 
 def _rss_kb() -> int:

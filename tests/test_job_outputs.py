@@ -18,16 +18,18 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin import geometry, jobs
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.pipeline import job as jobs
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.evaluation import geodesic_errors
-from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.particles import (PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS, half_sets, read_particles,
-                                        uid_half_sets)
+from cryoforum_plugin.infer.metrics import geodesic_errors
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.formats.particles import (
+    PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS, half_sets, read_particles, uid_half_sets,
+)
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.refinement import RefineResult
+from cryoforum_plugin.refine.refinement import RefineResult
 
 N, GIVEN = 120, 40  # particles; the first GIVEN keep the input's half-set (rlnRandomSubset), the others have none
 OPTS = {"preset": "paper", "epochs": 1, "box": 32, "width": 0.125, "batch": 16, "pretrain_steps": 2,
@@ -50,7 +52,8 @@ def job(tmp_path_factory):
     ps = read_particles(d / "sim" / "input.star")
     calls = []
     mp = pytest.MonkeyPatch()
-    from cryoforum_plugin import reconstruction, refinement
+    from cryoforum_plugin.physics import reconstruct as reconstruction
+    from cryoforum_plugin.refine import refinement
 
     def spy(module, name, what):
         real = getattr(module, name)
@@ -148,7 +151,7 @@ def test_outputs_keep_the_input_poses_the_prediction_and_the_refined_poses(job):
 
 def _refined_to(job, monkeypatch, poses) -> tuple:
     """``jobs.refine`` of the job's predicted set with a stub refinement that returns ``poses(predicted)``."""
-    from cryoforum_plugin import refinement
+    from cryoforum_plugin.refine import refinement
 
     predicted = job["result"].predicted
 

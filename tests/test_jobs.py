@@ -2,7 +2,8 @@
 
 import pytest
 
-from cryoforum_plugin import jobs, manifest
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
 from cryoforum_plugin.cli import build_parser
 from cryoforum_plugin.errors import CryoforumError
 
@@ -40,7 +41,7 @@ def test_an_option_the_user_gives_is_never_replaced_by_a_preset(tmp_path):
     from relion_external.cryoforum_relion import job_star_text, parse
 
     from cryoforum_plugin.adapters.cryosparc import job_options as cryosparc_options
-    from cryoforum_plugin.train_config import PRESETS, TrainConfig
+    from cryoforum_plugin.train.config import PRESETS, TrainConfig
 
     cpu, declared = PRESETS["cpu"], manifest.defaults("train")
     assert (declared["head"], declared["epochs"]) == ("qcqp", 50) and (cpu["head"], cpu["epochs"]) == ("grid", 5)

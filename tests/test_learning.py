@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import starfile
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.fsc import fsc_curve, resolution
-from cryoforum_plugin.images import read_map, write_mrc
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.physics.fsc import fsc_curve, resolution
+from cryoforum_plugin.formats.mrc import read_map, write_mrc
+from cryoforum_plugin.sim.dataset import resized_map
 
 from conftest import run_relion, write_pose_star
 

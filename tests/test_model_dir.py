@@ -8,8 +8,8 @@ import pytest
 
 from cryoforum_plugin import manifest
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.train_config import TrainConfig
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.train.config import TrainConfig
 
 
 def test_train_config_defaults_are_plugin_yaml_defaults():
@@ -39,8 +39,8 @@ def test_model_dir_round_trip_and_legacy_option_name(tmp_path):
 
 
 def test_presets_fill_the_options_left_at_their_defaults():
-    from cryoforum_plugin import jobs
-    from cryoforum_plugin.train_config import PRESETS
+    from cryoforum_plugin.pipeline import job as jobs
+    from cryoforum_plugin.train.config import PRESETS
 
     cpu = TrainConfig.from_args(jobs.options(preset="cpu", epochs=7))
     assert cpu.pretrain_steps == PRESETS["cpu"]["pretrain_steps"] > 0 and cpu.box == 64 and cpu.epochs == 7
@@ -58,7 +58,7 @@ def test_presets_fill_the_options_left_at_their_defaults():
 
 
 def test_given_means_not_none_and_every_preset_option_is_left_unset_by_the_front_ends():
-    from cryoforum_plugin.train_config import PRESETS
+    from cryoforum_plugin.train.config import PRESETS
 
     assert {f.name for f in dataclasses.fields(TrainConfig)} == manifest.train_options()
     for name, preset in PRESETS.items():

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin import geometry
-from cryoforum_plugin.ctf import ctf_2d
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics.ctf import ctf_2d
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.fourier import as_tensor, resize_images, resize_volume
-from cryoforum_plugin.images import StackWriter, read_map
-from cryoforum_plugin.noise import (NoiseModel, background_noise_spectrum, estimate_noise_spectrum,
-                                    lorentzian_with_bump, radial_power, relative_spectrum)
-from cryoforum_plugin.particles import ParticleSet
-from cryoforum_plugin.projection import Projector
+from cryoforum_plugin.physics.fourier import as_tensor, resize_images, resize_volume
+from cryoforum_plugin.formats.mrc import StackWriter, read_map
+from cryoforum_plugin.physics.noise import (
+    NoiseModel, background_noise_spectrum, estimate_noise_spectrum, lorentzian_with_bump, radial_power,
+    relative_spectrum,
+)
+from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.physics.projector import Projector
 
 BOX, N = 32, 600
 
@@ -104,7 +106,7 @@ def test_model_samples_whitens_resamples_and_round_trips():
     assert x.shape == (2000, BOX, BOX) and x.dtype == torch.float32
     assert np.abs(radial_power(x).numpy() / spec - 1).max() < 0.1
     assert abs(float(x.var()) / model.noise_variance - 1) < 0.02
-    from cryoforum_plugin.fourier import fft2c, ifft2c
+    from cryoforum_plugin.physics.fourier import fft2c, ifft2c
     w = ifft2c(fft2c(x) * model.whitening_filter()).real
     assert np.abs(radial_power(w).numpy() - 1).max() < 0.1
     assert torch.equal(model.sample(3, torch.Generator().manual_seed(5)), model.sample(3, torch.Generator().manual_seed(5)))
@@ -125,7 +127,7 @@ def test_model_samples_whitens_resamples_and_round_trips():
 def test_relative_spectrum_forms():
     s = relative_spectrum(lorentzian_with_bump(), 64, 4.0)
     assert s.shape == (33,) and s[0] > 5 * s[-1]
-    from cryoforum_plugin.noise import spectrum_2d
+    from cryoforum_plugin.physics.noise import spectrum_2d
     assert abs(float(spectrum_2d(s, 64).double().mean()) - 1) < 1e-6
     assert np.allclose(relative_spectrum(np.ones(33), 64, 4.0), 1)
     with pytest.raises(ValueError):
@@ -136,7 +138,7 @@ def test_simulate_with_coloured_noise_keeps_the_level(tmp_path):
     import mrcfile
     import starfile
 
-    from cryoforum_plugin.simulation import simulate
+    from cryoforum_plugin.sim.dataset import simulate
 
     shape = lorentzian_with_bump()
     res = simulate(DEFAULT_MAP, tmp_path / "c", n=300, box=BOX, snr=0.5, junk_fraction=0.5, seed=3,

@@ -8,11 +8,11 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.images import StackReader
-from cryoforum_plugin.particles import read_cs, read_star, write_cs, write_star
+from cryoforum_plugin.formats.mrc import StackReader
+from cryoforum_plugin.formats.particles import read_cs, read_star, write_cs, write_star
 
 from conftest import DATA
 
@@ -73,7 +73,7 @@ def make_cs(tmp_path, n=30, box=32):
     stack = rng.normal(size=(n, box, box)).astype(np.float32)
     with mrcfile.new(proj / "J5" / "extract" / "stack.mrc") as m:
         m.set_data(stack)
-    from cryoforum_plugin.particles import CS_ALIGN_FIELDS, CS_BLOB_FIELDS, CS_CTF_FIELDS
+    from cryoforum_plugin.formats.particles import CS_ALIGN_FIELDS, CS_BLOB_FIELDS, CS_CTF_FIELDS
 
     ds = Dataset.allocate(n, CS_BLOB_FIELDS + CS_CTF_FIELDS + CS_ALIGN_FIELDS)
     ds["blob/path"] = np.array([">J5/extract/stack.mrc"] * n, dtype=object)
@@ -255,7 +255,7 @@ def _assert_typed_equal(a, b, prior_tol=1e-5):
 def test_typed_fields_survive_star_cs_star_and_subset(tmp_path):
     """Uncertainty, figure of merit, junk label and prior pose are read by both readers, written by both writers
     (STAR columns / cryoforum/* .cs fields), survive STAR -> .cs -> STAR, and are sliced by subset()."""
-    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
+    from cryoforum_plugin.formats.particles import FOM_COLUMN, JUNK_COLUMN, PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = _with_typed_fields(read_cs(path))
@@ -311,7 +311,7 @@ def test_extra_columns_set_typed_fields(tmp_path):
     set the typed fields, which are what the writers write."""
     import dataclasses
 
-    from cryoforum_plugin.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
+    from cryoforum_plugin.formats.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = read_cs(path)
@@ -336,7 +336,7 @@ def test_one_half_set_assignment_keyed_by_uid(tmp_path):
     (the training set of a job) before hashing; reconstruction and refinement use this one function."""
     import dataclasses
 
-    from cryoforum_plugin.particles import half_sets, uid_half_sets
+    from cryoforum_plugin.formats.particles import half_sets, uid_half_sets
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = read_cs(path)

@@ -5,13 +5,13 @@ with itself is 1 and of independent noise is about 0, and shifts move images the
 import numpy as np
 import torch
 
-from cryoforum_plugin import geometry
-from cryoforum_plugin.ctf import ctf_2d, electron_wavelength
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics.ctf import ctf_2d, electron_wavelength
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.fourier import fft2c, ifft2c, shift_phase
-from cryoforum_plugin.fsc import fsc_curve, resolution
-from cryoforum_plugin.projection import Backprojector, Projector
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.physics.fourier import fft2c, ifft2c, shift_phase
+from cryoforum_plugin.physics.fsc import fsc_curve, resolution
+from cryoforum_plugin.physics.projector import Backprojector, Projector
+from cryoforum_plugin.sim.dataset import resized_map
 
 
 def test_projection_then_back_projection_returns_the_map():
@@ -80,8 +80,8 @@ def test_odd_and_non_cubic_maps_keep_their_centre_voxel_at_the_centre(tmp_path):
     """read_map pads odd or non-cubic maps to an even cube around the centre voxel: the voxel at s // 2 lands at
     n // 2 of the cube (was one voxel off per odd axis: (n - s) // 2 instead of n // 2 - s // 2). The real-space
     pad/crop of fourier.py keeps the same convention for odd sizes."""
-    from cryoforum_plugin.fourier import pad_real
-    from cryoforum_plugin.images import read_map, write_mrc
+    from cryoforum_plugin.physics.fourier import pad_real
+    from cryoforum_plugin.formats.mrc import read_map, write_mrc
 
     for shape in [(33, 33, 33), (31, 25, 29), (32, 27, 30)]:
         write_mrc(tmp_path / "m.mrc", _delta_map(shape), 1.5)

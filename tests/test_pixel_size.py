@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryoforum_plugin import jobs
+from cryoforum_plugin.pipeline import job as jobs
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.evaluation import geodesic_errors
-from cryoforum_plugin.image_source import ImageSource
-from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.particles import read_particles
-from cryoforum_plugin.preprocess import to_model_grid
+from cryoforum_plugin.infer.metrics import geodesic_errors
+from cryoforum_plugin.formats.loader import ImageSource
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.nn.preprocess import to_model_grid
 
 
 def _simulate(d, box, seed, n, angles=None):
@@ -122,9 +122,9 @@ def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp
     optics groups of different pixel sizes is one CryoforumError naming the file, the first row of the second
     group and the fix (the CLI prints it as one line, exit 2), never a map or poses computed at the wrong
     sampling; prediction resamples each group instead (test above)."""
-    from cryoforum_plugin.images import write_mrc
-    from cryoforum_plugin.noise import estimate_noise_spectrum
-    from cryoforum_plugin.simulation import resized_map
+    from cryoforum_plugin.formats.mrc import write_mrc
+    from cryoforum_plugin.physics.noise import estimate_noise_spectrum
+    from cryoforum_plugin.sim.dataset import resized_map
 
     _simulate(tmp_path / "a", 32, 1, 12)
     star = _two_optics_groups(tmp_path, 12)

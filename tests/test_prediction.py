@@ -3,10 +3,10 @@ works for every input the model was trained with (phase-flipped channel)."""
 
 import numpy as np
 
-from cryoforum_plugin import jobs
+from cryoforum_plugin.pipeline import job as jobs
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.particles import read_particles
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def test_prediction_is_bit_for_bit_deterministic_and_phase_flip_models_predict(tmp_path):

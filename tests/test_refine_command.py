@@ -7,13 +7,13 @@ import json
 import numpy as np
 import starfile
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.evaluation import geodesic_errors
-from cryoforum_plugin.images import write_mrc
-from cryoforum_plugin.particles import read_particles, write_particles
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.infer.metrics import geodesic_errors
+from cryoforum_plugin.formats.mrc import write_mrc
+from cryoforum_plugin.formats.particles import read_particles, write_particles
+from cryoforum_plugin.sim.dataset import resized_map
 
 
 def _perturbed(ps, deg, rng):

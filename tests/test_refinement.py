@@ -11,21 +11,18 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryoforum_plugin import geometry, symmetry
-from cryoforum_plugin.ctf import ctf_2d
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
+from cryoforum_plugin.physics.ctf import ctf_2d
 from cryoforum_plugin.data import BETAGAL_MAP, DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.fourier import resize_volume
-from cryoforum_plugin.images import write_mrc
-from cryoforum_plugin.particles import ParticleSet, read_star
-from cryoforum_plugin.projection import Projector
-from cryoforum_plugin.reconstruction import reconstruct
-from cryoforum_plugin.refinement import (
-    _quat_to_matrix,
-    _rotvec_to_quat,
-    refine,
-)
-from cryoforum_plugin.simulation import resized_map
+from cryoforum_plugin.physics.fourier import resize_volume
+from cryoforum_plugin.formats.mrc import write_mrc
+from cryoforum_plugin.formats.particles import ParticleSet, read_star
+from cryoforum_plugin.physics.projector import Projector
+from cryoforum_plugin.physics.reconstruct import reconstruct
+from cryoforum_plugin.refine.refinement import _quat_to_matrix, _rotvec_to_quat, refine
+from cryoforum_plugin.sim.dataset import resized_map
 
 
 
@@ -199,7 +196,7 @@ def test_gold_standard_half_maps(asym, tmp_path):
     particle is matched against the other half's map, and the two half-maps hold disjoint particles. half2 here is
     the map with inverted contrast: a particle's result is the one it gets when every particle is matched against
     half1 (or every one against half2), which says which half it used."""
-    from cryoforum_plugin.particles import uid_half_sets
+    from cryoforum_plugin.formats.particles import uid_half_sets
 
     vol, apix = asym["vol"], asym["apix"]
     half = np.array([1] * 12 + [2] * 12 + [0] * 24)

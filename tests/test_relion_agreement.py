@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cryoforum_plugin.cli import main as cli
-from cryoforum_plugin.ctf import ctf_2d
-from cryoforum_plugin.fsc import fsc_curve, resolution
-from cryoforum_plugin.images import read_map
-from cryoforum_plugin.particles import read_star
-from cryoforum_plugin.projection import Projector
-from cryoforum_plugin.reconstruction import reconstruct
+from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics.fsc import fsc_curve, resolution
+from cryoforum_plugin.formats.mrc import read_map
+from cryoforum_plugin.formats.particles import read_star
+from cryoforum_plugin.physics.projector import Projector
+from cryoforum_plugin.physics.reconstruct import reconstruct
 
 from conftest import run_relion
 
@@ -99,10 +99,10 @@ def test_star_converted_from_cs_gives_relion_the_same_map(relion_set, tmp_path):
 @pytest.mark.parametrize("sym", ["D2"])
 def test_symmetrised_reconstruction_agrees_with_relion(sym, relion, tmp_path):
     from cryoforum_plugin.data import BETAGAL_MAP
-    from cryoforum_plugin.simulation import resized_map
+    from cryoforum_plugin.sim.dataset import resized_map
 
     vol, apix = resized_map(BETAGAL_MAP, 32)
-    from cryoforum_plugin.images import write_mrc
+    from cryoforum_plugin.formats.mrc import write_mrc
 
     write_mrc(tmp_path / "map.mrc", vol.numpy(), apix)
     assert cli(["simulate", str(tmp_path / "map.mrc"), "--out", str(tmp_path / "s"), "--n", "150", "--box", "32",

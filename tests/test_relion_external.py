@@ -56,8 +56,8 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
                        ("confident_map.mrc", 6), ("model/best.pt", 8)):
         assert nodes.get(f"External/job002/{name}") == kind, name
     # the External job's 3D reference refined the network's poses (and found the shifts) on RELION's particles
-    from cryoforum_plugin.evaluation import geodesic_errors
-    from cryoforum_plugin.particles import read_star
+    from cryoforum_plugin.infer.metrics import geodesic_errors
+    from cryoforum_plugin.formats.particles import read_star
 
     refined, predicted = read_star(job / "refined.star"), read_star(job / "predicted.star")
     refined_err = np.degrees(geodesic_errors(refined.quat, relion_set["quat"]))
@@ -71,7 +71,7 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
     # real relion_reconstruct of the refined STAR matches the true map about as well as the true poses do
     import mrcfile
 
-    from cryoforum_plugin.fsc import fsc_curve
+    from cryoforum_plugin.physics.fsc import fsc_curve
 
     run_relion(["relion_reconstruct", "--i", "External/job002/refined.star", "--o", "refined.mrc", "--ctf"], cwd=proj)
     run_relion(["relion_reconstruct", "--i", "parts_noisy.star", "--o", "true_poses.mrc", "--ctf"], cwd=proj)

@@ -6,10 +6,11 @@ import mrcfile
 import numpy as np
 import starfile
 
-from cryoforum_plugin import geometry, symmetry
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import BETAGAL_MAP, DEFAULT_MAP
-from cryoforum_plugin.particles import read_cs, read_star
+from cryoforum_plugin.formats.particles import read_cs, read_star
 
 
 def test_outputs_agree_and_snr_and_junk_are_as_asked(tmp_path):

@@ -6,7 +6,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from cryoforum_plugin import geometry, symmetry
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.errors import CryoforumError
 
 GROUPS = ["C1", "C2", "C5", "D2", "D3", "T", "O", "I1", "I2", "I3", "I4"]

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin import geometry
-from cryoforum_plugin.ctf import ctf_2d
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics.ctf import ctf_2d
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.fourier import as_tensor, resize_volume
-from cryoforum_plugin.images import read_map
-from cryoforum_plugin.noise import NoiseModel, estimate_noise_spectrum, lorentzian_with_bump, relative_spectrum
-from cryoforum_plugin.particles import ParticleSet
-from cryoforum_plugin.projection import Projector
-from cryoforum_plugin.synthetic import MapParticleSimulator, snr_at
+from cryoforum_plugin.physics.fourier import as_tensor, resize_volume
+from cryoforum_plugin.formats.mrc import read_map
+from cryoforum_plugin.physics.noise import NoiseModel, estimate_noise_spectrum, lorentzian_with_bump, relative_spectrum
+from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.physics.projector import Projector
+from cryoforum_plugin.sim.batches import MapParticleSimulator, snr_at
 
 BOX = 32
 

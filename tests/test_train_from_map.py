@@ -10,20 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin import geometry
+from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.evaluation import geodesic_errors
-from cryoforum_plugin.model_dir import ModelDir
-from cryoforum_plugin.prediction import predict
-from cryoforum_plugin.preprocess import Preprocess, phase_flipped
+from cryoforum_plugin.infer.metrics import geodesic_errors
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.infer.predict import predict
+from cryoforum_plugin.nn.preprocess import Preprocess, phase_flipped
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.training import (
-    RECONSTRUCTION,
-    TrainConfig,
-    Trainer,
-    curriculum,
-    symmetric_chordal,
-)
+from cryoforum_plugin.train.trainer import RECONSTRUCTION, TrainConfig, Trainer, curriculum, symmetric_chordal
 
 BOX = 32
 SMALL = dict(box=BOX, width=0.125, batch=32, lr=3e-3, head="quat", loss="single", dropout=0.0, l2=0.0,
@@ -58,7 +52,8 @@ def test_pretraining_from_the_map_learns_far_below_chance_on_held_out_particles(
 
 
 def test_default_map_is_a_reconstruction_of_the_training_split_only(particles, tmp_path, monkeypatch):
-    from cryoforum_plugin import noise, reconstruction
+    from cryoforum_plugin.physics import noise
+    from cryoforum_plugin.physics import reconstruct as reconstruction
 
     seen = {}
     real_rec, real_noise = reconstruction.reconstruct, noise.estimate_noise_spectrum
@@ -150,7 +145,7 @@ def test_config_round_trip_keeps_the_new_options(tmp_path):
 
 
 def test_time_budget_plan_accounts_for_every_cost():
-    from cryoforum_plugin.training import plan_pretrain_steps
+    from cryoforum_plugin.train.trainer import plan_pretrain_steps
 
     # 600 s budget, 100 s spent, real epochs 50 steps + 2 validations; per pre-training step 1 s + 4 s / 10 steps
     n = plan_pretrain_steps(600, 100, 1.0, 4.0, 20, 10, 50, 2)
@@ -186,7 +181,7 @@ def test_time_budget_sizes_the_pretraining_records_it_and_resumes(particles, tmp
 
 def test_a_map_at_an_incompatible_pixel_size_is_one_clear_error(particles, tmp_path):
     from cryoforum_plugin.errors import CryoforumError
-    from cryoforum_plugin.images import read_map, write_mrc
+    from cryoforum_plugin.formats.mrc import read_map, write_mrc
 
     vol, _ = read_map(DEFAULT_MAP)
     bad = tmp_path / "map_wrong_pixel.mrc"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import jobs
-from ..errors import CryoforumError
-from ..particles import from_dataset, to_dataset, uncertainty_dataset
-from ..progress import Events
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.formats.particles import from_dataset, to_dataset, uncertainty_dataset
+from cryoforum_plugin.progress import Events
 
 TRAIN_SLOTS = ["blob", "ctf", "alignments3D"]
 PREDICT_SLOTS = ["blob", "ctf"]

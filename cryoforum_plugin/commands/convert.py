@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from .. import manifest
-from ..particles import read_particles, write_particles
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.particles import read_particles, write_particles
 
 
 def add_args(parser):
@@ -14,7 +14,7 @@ def main(args):
     ps = read_particles(args.input, project_dir=args.project_dir)
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
-        from ..errors import CryoforumError
+        from cryoforum_plugin.errors import CryoforumError
 
         raise CryoforumError("output would overwrite the input.", path=out, fix="choose another output name.")
     write_particles(ps, out, relative_to=out.resolve().parent, project_dir=args.project_dir,

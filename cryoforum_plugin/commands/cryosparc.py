@@ -1,7 +1,7 @@
 """``cryoforum cryosparc --project P --workspace W --train J12:particles [--predict J20:particles] [options]``."""
 
-from .. import manifest
-from ..adapters.cryosparc import run
+from cryoforum_plugin import manifest
+from cryoforum_plugin.adapters.cryosparc import run
 
 
 def add_args(parser):

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__, jobs, manifest
-from ..atomic import write_text
-from ..data import DEFAULT_MAP
-from ..devices import resolve_device, set_threads
+from cryoforum_plugin import __version__
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.atomic import write_text
+from cryoforum_plugin.data import DEFAULT_MAP
+from cryoforum_plugin.runtime import resolve_device, set_threads
 
 # The data each demo size simulates. ``options`` are the only job options the demo changes from the defaults a
 # RELION / cryoSPARC / ``cryoforum run`` user gets; only the one-minute smoke test changes any.
@@ -30,8 +32,8 @@ def add_args(parser):
 
 
 def main(args):
-    from ..particles import read_particles
-    from ..simulation import resized_map, simulate
+    from cryoforum_plugin.formats.particles import read_particles
+    from cryoforum_plugin.sim.dataset import resized_map, simulate
 
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -74,7 +76,7 @@ def main(args):
 
     result = step("job", run_job)
     vol, apix = resized_map(DEFAULT_MAP, d["box"])
-    from ..images import write_mrc
+    from cryoforum_plugin.formats.mrc import write_mrc
 
     write_mrc(out / "true_map.mrc", vol.numpy(), apix)
     summary = step("report", lambda: jobs.report(read_particles(job / "predicted.star"),

@@ -1,7 +1,8 @@
 """``cryoforum filter PREDICTED --out DIR``: confident and rejected subsets of the original particles."""
 
-from .. import jobs, manifest
-from ..particles import read_particles
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def add_args(parser):

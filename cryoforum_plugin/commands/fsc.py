@@ -5,11 +5,12 @@ import io
 import json
 from pathlib import Path
 
-from .. import manifest
-from ..atomic import write_text
-from ..errors import CryoforumError
-from ..fsc import fsc_curve, fsc_table, plot_fsc, resolution, soft_sphere_mask
-from ..images import read_map
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.atomic import write_text
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.physics.fsc import fsc_curve, fsc_table, resolution, soft_sphere_mask
+from cryoforum_plugin.pipeline.plots import plot_fsc
+from cryoforum_plugin.formats.mrc import read_map
 
 
 def add_args(parser):

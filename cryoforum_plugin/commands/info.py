@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 
-from .. import geometry, manifest
-from ..particles import read_particles
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def add_args(parser):

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import manifest
-from ..errors import CryoforumError
-from ..fsc import fsc_curve, resolution
-from ..images import write_mrc
-from ..cs_io import attach_uncertainty_sidecar, uncertainty_sidecar_path
-from ..particles import FOM_COLUMN, FOM_CS, UNCERTAINTY_CS, UNCERTAINTY_STAR, read_particles
-from ..reconstruction import reconstruct
-from ..devices import resolve_device
+from cryoforum_plugin import manifest
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.physics.fsc import fsc_curve, resolution
+from cryoforum_plugin.formats.mrc import write_mrc
+from cryoforum_plugin.formats.cs import attach_uncertainty_sidecar, uncertainty_sidecar_path
+from cryoforum_plugin.formats.particles import FOM_COLUMN, FOM_CS, UNCERTAINTY_CS, UNCERTAINTY_STAR, read_particles
+from cryoforum_plugin.physics.reconstruct import reconstruct
+from cryoforum_plugin.runtime import resolve_device
 
 
 def add_args(parser):

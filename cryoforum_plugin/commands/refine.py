@@ -1,8 +1,9 @@
 """``cryoforum refine --particles P --reference MAP --out DIR``: poses and shifts refined against a map."""
 
-from .. import jobs, manifest
-from ..devices import set_threads
-from ..particles import read_particles
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.runtime import set_threads
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def add_args(parser):

@@ -1,8 +1,9 @@
 """``cryoforum report --predicted P --truth T --out DIR``: does the uncertainty mean something? Numbers,
 reconstructions before/after filtering (the paper's Figure 4), figures and a self-contained HTML report."""
 
-from .. import jobs, manifest
-from ..particles import read_particles
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def add_args(parser):

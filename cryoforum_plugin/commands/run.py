@@ -8,10 +8,11 @@ import json
 import time
 from pathlib import Path
 
-from .. import jobs, manifest
-from ..atomic import write_text
-from ..errors import CryoforumError
-from ..particles import read_particles
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.formats.atomic import write_text
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.formats.particles import read_particles
 
 
 def add_args(parser):

@@ -1,8 +1,8 @@
 """``cryoforum simulate MAP --n N --box B --snr S --out DIR``."""
 
-from .. import manifest
-from ..simulation import simulate
-from ..devices import resolve_device
+from cryoforum_plugin import manifest
+from cryoforum_plugin.sim.dataset import simulate
+from cryoforum_plugin.runtime import resolve_device
 
 
 def add_args(parser):

@@ -1,9 +1,10 @@
 """``cryoforum train --particles FILE --out MODEL_DIR``."""
 
-from .. import jobs, manifest
-from ..devices import set_threads
-from ..particles import read_particles
-from ..train_config import TrainConfig
+from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin import manifest
+from cryoforum_plugin.runtime import set_threads
+from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.train.config import TrainConfig
 
 
 def add_args(parser):

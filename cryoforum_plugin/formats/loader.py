@@ -1,0 +1,121 @@
+"""Particle images for the engine: batches read from the stacks (positional reads, bounded open files) by loader
+processes that run ahead of the network, an in-memory cache for sets that fit, and the train/validation/test split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.formats.mrc import StackReader
+from cryoforum_plugin.formats.particles import ParticleSet, apply_image_sign
+
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(device: torch.device) -> int:
+    """Loader processes for ``--workers -1``: on a GPU one per spare core of this rank's share (at most 8); on
+    the CPU none, since the forward pass already uses every core (benchmarks/RESULTS.md)."""
+    if device.type != "cuda":
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // local - 1))
+
+
+class _RowBatches(torch.utils.data.Dataset):
+    """Item i = (rows, (B, N, N) images) of the i-th batch of rows; each loader process opens its own files.
+    ``signs``: (N,) contrast signs (ParticleSet.image_sign) or None. A CryoforumError travels back as its fields,
+    so the main process prints it as one line."""
+
+    def __init__(self, paths: np.ndarray, indices: np.ndarray, batches: Sequence[np.ndarray], signs=None):
+        self.paths, self.indices, self.batches, self.signs = paths, indices, batches, signs
+        self.reader = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        rows = np.asarray(self.batches[i])
+        if self.reader is None:
+            self.reader = StackReader()
+        try:
+            images = self.reader.read(self.paths[rows], self.indices[rows])
+            signs = None if self.signs is None else self.signs[rows]
+            return rows, torch.from_numpy(apply_image_sign(images, signs)), None
+        except CryoforumError as exc:
+            return rows, None, {"message": exc.message, "path": exc.path and str(exc.path), "row": exc.row,
+                                "fix": exc.fix}
+
+
+class ImageSource:
+    """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``, with their contrast sign
+    applied (``ParticleSet.read_images``).
+
+    Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch);
+    larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network).
+    """
+
+    def __init__(self, ps: ParticleSet, cache_bytes: float = 2e9, max_open: int = 64):
+        self.ps = ps
+        self.reader = StackReader(max_open=max_open)
+        box = int(ps.box[0]) if len(ps) else 0
+        self._cache = None
+        if len(ps) * box * box * 4 <= cache_bytes:
+            self._cache = torch.from_numpy(ps.read_images(self.reader, np.arange(len(ps))))
+            self.reader.close()
+
+    def batch(self, rows) -> torch.Tensor:
+        rows = np.asarray(rows)
+        if self._cache is not None:
+            return self._cache[torch.as_tensor(rows)]
+        return torch.from_numpy(self.ps.read_images(self.reader, rows))
+
+    def batches(self, rows: np.ndarray, batch: int, workers: int = 0,
+                pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (rows, (B, N, N) images) for consecutive chunks of ``batch`` of ``rows``, in order. With
+        ``workers`` > 0 and a streamed set, that many processes read ahead (2 batches each); ``pin_memory`` for
+        fast copies to a GPU."""
+        batches = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
+        if self._cache is not None or workers <= 0 or len(batches) <= 1:
+            for rows in batches:
+                images = self.batch(rows)
+                yield np.asarray(rows), images.pin_memory() if pin_memory and self._cache is None else images
+            return
+        loader = torch.utils.data.DataLoader(
+            _RowBatches(self.ps.image_path, self.ps.image_index, batches, self.ps.image_sign), batch_size=None,
+            shuffle=False, num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2,
+            generator=torch.Generator())  # its own seed source: the global RNG (dropout, ...) is left untouched
+        for rows, images, error in loader:  # the loader hands numpy rows back as tensors
+            if error is not None:
+                raise CryoforumError(error["message"], path=error["path"], row=error["row"], fix=error["fix"])
+            yield rows.numpy(), images
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def split_rows(n: int, val_fraction: float, test_fraction: float, seed: int, quat=None,
+               stratify: bool = False) -> dict[str, np.ndarray]:
+    """Row indices for 'train', 'val', 'test'. ``stratify``: each orientation bin (octant of the viewing direction
+    × 2 tilt bands) is split in the same proportions, so every split covers the sphere."""
+    rng = np.random.default_rng(seed)
+    if stratify and quat is not None:
+        d = geometry.viewing_direction(quat)
+        bins = (d[:, 0] > 0) * 1 + (d[:, 1] > 0) * 2 + (d[:, 2] > 0) * 4 + (np.abs(d[:, 2]) > 0.5) * 8
+        groups = [rng.permutation(np.nonzero(bins == b)[0]) for b in np.unique(bins)]
+    else:
+        groups = [rng.permutation(n)]
+    out = {"train": [], "val": [], "test": []}
+    for g in groups:
+        n_test = int(round(test_fraction * len(g)))
+        n_val = int(round(val_fraction * len(g)))
+        out["test"].append(g[:n_test])
+        out["val"].append(g[n_test:n_test + n_val])
+        out["train"].append(g[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in out.items()}

@@ -1,0 +1,126 @@
+"""Prediction: orientation and uncertainty for every particle, streamed in batches (bounded memory)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from cryoforum_plugin import runtime as distributed
+from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import symmetry
+from cryoforum_plugin.formats.loader import ImageSource, auto_workers
+from cryoforum_plugin.train.model_dir import ModelDir
+from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.nn.preprocess import check_model_grid, phase_flipped, rotate_images, to_model_grid
+from cryoforum_plugin.progress import Events, Progress
+from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit, trace_scale
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Per-particle results: quat (N, 4), evals (N, 4) or None (heads without them), dispersions {'max','trace'},
+    fom (N,), and the throughput."""
+
+    quat: np.ndarray
+    evals: np.ndarray | None
+    dispersion: dict
+    fom: np.ndarray
+    seconds: float
+
+    @property
+    def particles_per_second(self) -> float:
+        return len(self.quat) / max(self.seconds, 1e-9)
+
+
+def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+    """(K, B, 4) -> (B, 4) chordal mean (top eigenvector of Σ q qᵀ); with a group, each q_k is first replaced by
+    its symmetry mate nearest to q_0."""
+    if group is not None and len(group) > 1:
+        mates = geometry.quat_mul(qs[:, :, None, :], group)  # (K, B, G, 4)
+        dots = (mates * qs[0][None, :, None, :]).sum(-1).abs()  # (K, B, G)
+        best = dots.argmax(-1)
+        qs = torch.gather(mates, 2, best[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]
+    M = torch.einsum("kbi,kbj->bij", qs.double(), qs.double())
+    return torch.linalg.eigh(M)[1][..., -1].float()
+
+
+@torch.no_grad()
+def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
+            events: Events | None = None, workers: int = -1) -> Prediction:
+    """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
+    averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
+    Images are preprocessed on ``device``. Under torchrun each process predicts its block and rank 0 returns the
+    merged result in row order; the other ranks return None."""
+    distributed.init_from_env()
+    device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
+    model = ModelDir(model_dir)
+    pre, net, state = model.load(device)
+    grid_pixel, grid_box = model.grid(default_pixel=float(ps.pixel_size[0]), default_box=int(ps.box[0]))
+    check_model_grid(ps.pixel_size, grid_pixel * grid_box / pre.box, ps.path)
+    if pre.phase_flip and ps.ctf is None:
+        raise CryoforumError("the model was trained with --phase-flip and needs the particles' CTF; these have none.",
+                             path=ps.path, fix="predict particles with CTF parameters (rlnDefocusU / ctf/df1_A).")
+    cfg = state["config"]
+    group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
+    amp = device.type == "cuda"
+    source = ImageSource(ps, cache_bytes=0)
+    n = len(ps)
+    mine = distributed.shard(n)  # all rows when not distributed
+    quat = np.zeros((n, 4), np.float32)
+    evals = np.zeros((n, 4), np.float32) if net.has_evals else None  # QCQP and grid heads
+    angles = [360.0 * k / tta for k in range(tta)]
+    bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main(), events=events)
+    workers = auto_workers(device) if workers < 0 else workers
+    start = time.time()
+    for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
+        raw = to_model_grid(raw.to(device, non_blocking=True), ps.pixel_size[rows], grid_pixel, grid_box)
+        flipped = phase_flipped(raw, ps.ctf, rows, grid_pixel) if pre.phase_flip else None
+        qs, evs = [], []
+        for a in angles:
+            turn = torch.full((len(rows),), a, device=device)
+            img = raw if a == 0 else rotate_images(raw, turn)
+            flp = flipped if (flipped is None or a == 0) else rotate_images(flipped, turn)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = net(pre(img, flp))
+            q = out["quat"].float()
+            if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
+                r = torch.as_tensor(geometry.psi_rotation_quats([a]), dtype=torch.float32, device=device)
+                q = geometry.quat_mul(geometry.quat_conj(r), q)
+            qs.append(q)
+            if "evals" in out:
+                evs.append(out["evals"].float())
+        q = qs[0] if tta == 1 else _average_quats(torch.stack(qs), group)
+        quat[rows] = q.cpu().numpy()
+        if evals is not None:
+            evals[rows] = torch.stack(evs).mean(0).cpu().numpy()
+        bar.update(len(rows))  # polls the events for an abort
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - start
+    source.close()
+    merged = distributed.gather_rows(mine, {"quat": quat[mine], "evals": None if evals is None else evals[mine]}, n)
+    if merged is None:  # not rank 0: rank 0 writes the merged output
+        return None
+    quat, evals = merged["quat"], merged["evals"]
+    if evals is not None:
+        disp = dispersions(evals)
+    else:  # heads without a Bingham: no uncertainty; zeros keep the columns well-defined
+        disp = {"max": np.zeros(n), "trace": np.zeros(n)}
+    scale = model.trace_scale(state) or trace_scale(evals)
+    return Prediction(geometry.normalize(quat.astype(np.float64)), evals, disp,
+                      figure_of_merit(disp["trace"], scale), seconds)
+
+
+def with_predictions(ps: ParticleSet, pred: Prediction) -> ParticleSet:
+    """A copy of ``ps`` whose poses are the predicted ones, also kept as ``predicted_quat``
+    (rlnCryoforumPredictedAngleRot/Tilt/Psi, which survive a later refinement); the input's poses (if any) become
+    ``prior_quat`` (rlnCryoforumPriorAngleRot/Tilt/Psi), with the uncertainty and figure of merit set."""
+    prior = ps.quat.copy() if ps.has_poses.any() else ps.prior_quat
+    return dataclasses.replace(ps, quat=pred.quat.copy(), prior_quat=prior, predicted_quat=pred.quat.copy(),
+                               uncertainty={"max": pred.dispersion["max"], "trace": pred.dispersion["trace"]},
+                               fom=pred.fom)

@@ -1,0 +1,53 @@
+"""A 3-D map brought onto the particles' grid (box³ voxels at the particles' pixel size): the one resampler that
+refinement, the noise estimate and training from the map share."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.physics.fourier import as_tensor, pad_real, resize_volume
+
+
+def map_on_particle_grid(reference, box: int, pixel_size: float, map_pixel_size: float | None = None,
+                         device=None, path=None, what: str = "map") -> torch.Tensor:
+    """(box, box, box) float tensor on ``device``: ``reference`` (a map path, or a (D, D, D) array/tensor)
+    Fourier-resized to ``pixel_size`` Å/px and zero-padded or cropped to ``box``.
+
+    ``map_pixel_size``: the map's Å/px (a path's header gives it when None). An array without one is taken to span
+    the particle box (resized to ``box``). A map whose resampling to ``pixel_size`` needs a box that is not a whole
+    number (scale error > 1/4 px at the particles' Nyquist) is one clear error, as are non-cubic and non-finite
+    maps; ``path`` names the file and ``what`` the map ("map", "reference") in those messages."""
+    vol = reference
+    if not isinstance(vol, (np.ndarray, torch.Tensor)):
+        from cryoforum_plugin.formats.mrc import read_map
+
+        path = vol
+        vol, header_apix = read_map(vol)
+        map_pixel_size = header_apix if map_pixel_size is None else map_pixel_size
+    v = vol.detach().cpu().numpy() if isinstance(vol, torch.Tensor) else np.asarray(vol)
+    if v.ndim != 3 or len(set(v.shape)) != 1:
+        raise CryoforumError(f"the {what} must be a cubic 3-D map, got shape {v.shape}.", path=path,
+                             fix="pass a (D, D, D) map (pad it to a cube).")
+    if not np.isfinite(v).all():
+        raise CryoforumError(f"the {what} contains NaN or infinite values.", path=path, fix="pass a finite map.")
+    t = as_tensor(v, device)
+    d = v.shape[0]
+    if map_pixel_size is None:  # the same physical extent as the particle box
+        return resize_volume(t, box).contiguous()
+    if not np.isfinite(map_pixel_size) or map_pixel_size <= 0:
+        raise CryoforumError(f"invalid {what} pixel size {map_pixel_size}.", path=path,
+                             fix="give the map's pixel size in Å (its header, or reference_pixel_size).")
+    n_new = d * map_pixel_size / pixel_size
+    m = round(n_new)
+    tol = 0.25 / (box / 2)  # ≤ 1/4 px of scale error at the particles' Nyquist
+    if m < 8 or abs(d * map_pixel_size / m - pixel_size) / pixel_size > tol:
+        raise CryoforumError(
+            f"the {what} ({d} px at {map_pixel_size:g} Å/px) cannot be resampled to the particles' pixel size "
+            f"{pixel_size:g} Å: that needs a box of {n_new:.2f} px, not a whole number (pixel-size mismatch "
+            f"{abs(d * map_pixel_size / max(m, 1) - pixel_size) / pixel_size:.1%} > {tol:.1%}).", path=path,
+            fix="resample the map to the particles' pixel size (e.g. relion_image_handler --rescale_angpix "
+                f"{pixel_size:g} --new_box {box}), or check the map's pixel size.")
+    t = resize_volume(t, m) if m != d else t
+    return pad_real(t, box, 3).contiguous()
