@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.infer.predict import predict  # noqa: E402
 from cryoforum_plugin.sim.dataset import simulate  # noqa: E402
 from cryoforum_plugin.train.config import PRESETS  # noqa: E402

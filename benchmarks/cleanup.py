@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from cryoforum_plugin.cli import main as cli  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
 from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
-from cryoforum_plugin.sim.dataset import resized_map  # noqa: E402
+from cryoforum_plugin.physics.resample import resized_map  # noqa: E402
 
 
 def main(argv=None):
@@ -58,19 +58,22 @@ def main(argv=None):
 
         import numpy as np
 
-        from cryoforum_plugin.pipeline import job as jobs
+        from cryoforum_plugin.pipeline import options as pipeline_options
+        from cryoforum_plugin.pipeline import steps
+        from cryoforum_plugin.pipeline import job as pipeline_job
         from cryoforum_plugin.train.model_dir import ModelDir
-        from cryoforum_plugin.formats.particles import read_particles
+        from cryoforum_plugin.formats.files import read_particles
         from cryoforum_plugin.progress import Events
 
         parts = read_particles(sim / "particles.star")
         train = parts.subset(np.isin(parts.uid, ModelDir(model).split_uids("train")))
-        reference = jobs.training_reference(train, w / "reference", jobs.options(device="cpu"), Events())
+        reference = pipeline_job.training_reference(train, w / "reference", pipeline_options.options(device="cpu"),
+                                                    Events())
         pred = read_particles(w / "pred" / "predicted.star")
         test = pred.subset(np.isin(pred.uid, ModelDir(model).split_uids("test")))
         t0 = time.time()
-        refined, result = jobs.refine(test, reference, device="cpu")
-        jobs.write_refined(refined, result, w / "refined", w / "pred" / "predicted.star", "star")
+        refined, result = steps.refine(test, reference, device="cpu")
+        steps.write_refined(refined, result, w / "refined", w / "pred" / "predicted.star", "star")
         print(f"refined {len(test)} test particles in {time.time() - t0:.0f} s "
               f"({int(result.global_searched.sum())} by global search)")
         extra = ["--refined", str(w / "refined" / "refined.star"), "--statistic", "refine"]

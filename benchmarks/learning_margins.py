@@ -29,7 +29,7 @@ from conftest import PRETRAIN_GRID  # noqa: E402
 from cryoforum_plugin.infer.select import auroc, spearman  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.infer.predict import predict  # noqa: E402
 from cryoforum_plugin.sim.dataset import simulate  # noqa: E402
 from cryoforum_plugin.train.config import TrainConfig  # noqa: E402

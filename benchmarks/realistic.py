@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin.physics import rotations as geometry  # noqa: E402
+from cryoforum_plugin.physics import rotations  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
 from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
-from cryoforum_plugin.sim.dataset import resized_map  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
+from cryoforum_plugin.physics.resample import resized_map  # noqa: E402
 from cryoforum_plugin.train.trainer import Trainer, TrainConfig  # noqa: E402
 
 OPTIONS = {"paper defaults": {}, "augment + symmetric A": {"augment_psi": True, "qcqp_param": "symmetric"}}
@@ -92,7 +92,7 @@ def step_timing(ps, cfg, steps: int = 20) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer(ps, tmp, cfg, torch.device("cpu"), progress=False)
-        t._setup_synthetic()
+        t.pretraining.setup()
         t.net.train()
         t.gnorms = []
         rows = t.split["train"]
@@ -127,8 +127,8 @@ def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int, noise: str
     vol, apix = resized_map(DEFAULT_MAP, box)
     write_mrc(d / "map.mrc", vol.numpy(), apix)
     rng = np.random.default_rng(seed)
-    q = geometry.random_quats(n, rng)
-    ang = geometry.quat_to_relion_euler(q)
+    q = rotations.random_quats(n, rng)
+    ang = rotations.quat_to_relion_euler(q)
     du = rng.uniform(10000, 25000, n)
     optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [apix],
                            "rlnImageSize": [box], "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
@@ -251,8 +251,8 @@ def main(argv=None):
                    "train_particles": len(trainer.split["train"]), "pretrain_steps": cfg.pretrain_steps,
                    "epochs": cfg.epochs, "best_val_median_deg": float(np.degrees(trainer.best)),
                    **held_out_report(ps, model), "train_seconds": round(seconds, 1),
-                   "synthetic": {k: v for k, v in (trainer.synthetic_info or {}).items() if k != "noise_model"},
-                   "noise_spectrum_vs_true": spectrum_agreement(trainer.synthetic_info, set_dir),
+                   "synthetic": {k: v for k, v in (trainer.pretraining.info or {}).items() if k != "noise_model"},
+                   "noise_spectrum_vs_true": spectrum_agreement(trainer.pretraining.info, set_dir),
                    "log": trainer.log}
             results["rows"].append(row)
             print(f"{name:<34}{row['train_particles']:>8}{cfg.pretrain_steps:>10}{cfg.epochs:>7}"

@@ -40,12 +40,12 @@ from scipy.spatial.transform import Rotation
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry  # noqa: E402
 from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.physics.reconstruct import reconstruct  # noqa: E402
-from cryoforum_plugin.refine.refinement import refine  # noqa: E402
+from cryoforum_plugin.refine.driver import refine  # noqa: E402
 from realistic import make_relion_set  # noqa: E402  (the same relion_project set as benchmarks/realistic.py)
 
 
@@ -54,7 +54,7 @@ def rotate_by(q: np.ndarray, deg: float, rng: np.random.Generator) -> np.ndarray
     axis = rng.normal(size=(len(q), 3))
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
     dq = Rotation.from_rotvec(axis * np.radians(deg)).as_quat(scalar_first=True)
-    return geometry.normalize(geometry.quat_mul(dq, q))
+    return rotations.normalize(rotations.quat_mul(dq, q))
 
 
 def summary(name: str, quat, shift_A, truth, apix: float, seconds: float, confidence=None, sym="C1") -> dict:
@@ -84,7 +84,7 @@ def print_row(row: dict) -> None:
 
 def _relion_star(path: Path, ps, quat, shift_A, half):
     """A RELION 3.1 particle STAR of the test particles with the given start poses and origins."""
-    ang = geometry.quat_to_relion_euler(quat)
+    ang = rotations.quat_to_relion_euler(quat)
     src = starfile.read(ps.path, always_dict=True)
     parts = src["particles"].iloc[: len(quat)].copy()
     parts["rlnAngleRot"], parts["rlnAngleTilt"], parts["rlnAnglePsi"] = ang[:, 0], ang[:, 1], ang[:, 2]
@@ -131,7 +131,7 @@ def run_relion(work: Path, ps, truth, start_quat, start_deg, ref_path: Path, api
     out = starfile.read(stars[-1], always_dict=True)["particles"]
     names = out["rlnImageName"].astype(str).str.split("@").str[0].astype(int).to_numpy() - 1
     order = np.argsort(names)
-    q = geometry.relion_euler_to_quat(out["rlnAngleRot"].to_numpy()[order], out["rlnAngleTilt"].to_numpy()[order],
+    q = rotations.relion_euler_to_quat(out["rlnAngleRot"].to_numpy()[order], out["rlnAngleTilt"].to_numpy()[order],
                                       out["rlnAnglePsi"].to_numpy()[order])
     s = np.stack([out["rlnOriginXAngst"].to_numpy()[order], out["rlnOriginYAngst"].to_numpy()[order]], 1)
     row = summary("random" if auto else f"{start_deg:g}", q, s, truth, apix, seconds)
@@ -186,7 +186,7 @@ def main(argv=None):
     for start in args.starts.split(","):
         kw = {}
         if start == "random":
-            q0, mode, hint = geometry.random_quats(args.n, rng), "all", None
+            q0, mode, hint = rotations.random_quats(args.n, rng), "all", None
         elif start == "network":
             if args.model is None:
                 print("network start skipped: pass --model DIR")

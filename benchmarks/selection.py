@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from cryoforum_plugin.infer.select import auroc, keep_by_quantile, read_uncertainty, uncertainty_score  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
 from cryoforum_plugin.train.model_dir import ModelDir  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.sim.dataset import JUNK_KINDS  # noqa: E402
 
 STATISTICS = ("trace", "max", "both", "refine", "refine_trace")

@@ -48,9 +48,9 @@ def measure(data: str, box: int, width: float, batch: int, workers: int, out: st
     forward pass."""
     import torch
 
-    from cryoforum_plugin.pipeline.job import write_predictions
+    from cryoforum_plugin.pipeline.steps import write_predictions
     from cryoforum_plugin.formats.loader import auto_workers
-    from cryoforum_plugin.formats.particles import read_particles
+    from cryoforum_plugin.formats.files import read_particles
     from cryoforum_plugin.infer.predict import predict, with_predictions
     from cryoforum_plugin.train.model_dir import ModelDir
     from cryoforum_plugin.train.config import TrainConfig, build

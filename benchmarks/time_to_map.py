@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution  # noqa: E402
-from cryoforum_plugin.formats.particles import read_star  # noqa: E402
+from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from realistic import make_relion_set  # noqa: E402  (the same relion_project set as benchmarks/realistic.py)
 
 CRYOFORUM = str(ROOT / ".venv" / "bin" / "cryoforum") if (ROOT / ".venv/bin/cryoforum").exists() else "cryoforum"

@@ -94,22 +94,23 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
 
 
 def job_options(args) -> argparse.Namespace:
-    """The pipeline options (``jobs.options``) of a parsed job: the options the form, the config YAML and the
-    additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
-    from cryoforum_plugin.pipeline import job as jobs
+    """The pipeline options (``pipeline_options.options``) of a parsed job: the options the form, the config YAML
+    and the additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
+    from cryoforum_plugin.pipeline import options as pipeline_options
 
-    opts = jobs.options_from(args, threads=args.j, resume=True)
+    opts = pipeline_options.options_from(args, threads=args.j, resume=True)
     if str(args.gpu).strip():
         opts.device = f"cuda:{args.gpu}"
     return opts
 
 
 def run(args, job_dir: Path) -> list[tuple[str, str]]:
-    """The job itself: RELION's inputs -> ``jobs`` -> RELION's outputs; returns the output nodes (paths
+    """The job itself: RELION's inputs -> the pipeline steps -> RELION's outputs; returns the output nodes (paths
     relative to the project directory)."""
-    from cryoforum_plugin.pipeline import job as jobs
+    from cryoforum_plugin.pipeline import steps
+    from cryoforum_plugin.pipeline import job as pipeline_job
     from cryoforum_plugin.errors import CryoforumError
-    from cryoforum_plugin.formats.particles import read_particles
+    from cryoforum_plugin.formats.files import read_particles
 
     events = RelionEvents(job_dir)
     if not args.in_parts:
@@ -126,17 +127,17 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
         events.message(f"[cryo-forum] training on {args.in_parts} -> {model_dir}")
         from cryoforum_plugin.train.config import TrainConfig
 
-        jobs.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
-                   workers=opts.workers, cache_gb=opts.cache_gb, events=events)
+        steps.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
+                    workers=opts.workers, cache_gb=opts.cache_gb, events=events)
         from cryoforum_plugin.train.model_dir import ModelDir
 
         return [(str(ModelDir(model_dir).best_path), "model")]
     opts.refine = args.refine == "yes"
-    reference = jobs.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
-    result = jobs.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
-                           model_dir=model_dir, reference=reference, events=events)
-    return jobs.write_outputs(result, job_dir, args.in_parts, opts, fmt="star",
-                              reconstruct_map=args.reconstruct == "yes", events=events)
+    reference = steps.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
+    result = pipeline_job.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
+                                   model_dir=model_dir, reference=reference, events=events)
+    return pipeline_job.write_outputs(result, job_dir, args.in_parts, opts, fmt="star",
+                                      reconstruct_map=args.reconstruct == "yes", events=events)
 
 
 def job_star_text(fn_exe: str = "cryoforum-relion") -> str:

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.physics.resample import resized_map
 from cryoforum_plugin.formats.mrc import write_mrc
 
 DATA = Path(__file__).resolve().parent / "data"  # real third-party files (tests/data/README.md)
@@ -48,7 +48,7 @@ def run_relion(args, cwd):
 
 def write_pose_star(path, quat, shift_A, pixel_size, box, defocus=None, rng=None, names=None):
     """A RELION 3.1 STAR of poses, origins (Å) and optional per-particle CTF, as relion_project --ang reads it."""
-    ang = geometry.quat_to_relion_euler(quat)
+    ang = rotations.quat_to_relion_euler(quat)
     n = len(quat)
     optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
                            "rlnImagePixelSize": [pixel_size], "rlnImageSize": [box], "rlnImageDimensionality": [2],
@@ -83,7 +83,7 @@ def relion_set(relion, small_map, tmp_path_factory):
     map_path, vol, apix = small_map
     rng = np.random.default_rng(7)
     n, box = 400, vol.shape[0]
-    quat = geometry.random_quats(n, rng)
+    quat = rotations.random_quats(n, rng)
     shift = rng.uniform(-3, 3, (n, 2)) * apix
     du = rng.uniform(8000, 20000, n)
     defocus = (du, du - rng.uniform(200, 1500, n), rng.uniform(0, 180, n))
@@ -105,7 +105,7 @@ def relion_set(relion, small_map, tmp_path_factory):
 def small_sim_set(tmp_path_factory):
     """300 simulated particles of the default map, 32 px, SNR 10, shifts up to 2 px: the set the pre-training
     tests (tests/test_train_from_map.py, tests/test_grid_head.py) learn on."""
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
     from cryoforum_plugin.sim.dataset import simulate
 
     d = tmp_path_factory.mktemp("small_sim")

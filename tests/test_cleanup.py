@@ -52,7 +52,7 @@ def test_filter_and_report_commands(tmp_path):
     rej = Dataset.load(str(d / "f" / "rejected.cs"))
     assert set(kept["uid"]) | set(rej["uid"]) == set(orig["uid"]) and not set(kept["uid"]) & set(rej["uid"])
     assert set(kept["blob/path"]) == set(orig["blob/path"])  # the same images (project-relative), not a re-import
-    from cryoforum_plugin.formats.particles import read_cs
+    from cryoforum_plugin.formats.cs import read_cs
 
     assert set(read_cs(d / "f" / "rejected.cs", project_dir=d / "sim").image_path) == set(
         read_cs(d / "sim" / "particles.cs").image_path)
@@ -86,10 +86,12 @@ def test_cs_prediction_weights_and_target_error_match_star(tmp_path):
 
     from cryosparc.dataset import Dataset
 
-    from cryoforum_plugin.physics import rotations as geometry
+    from cryoforum_plugin.physics import rotations
     from cryoforum_plugin.infer.select import read_uncertainty
     from cryoforum_plugin.commands.reconstruct import particle_weights
-    from cryoforum_plugin.formats.particles import read_particles, write_cs, write_star
+    from cryoforum_plugin.formats.cs import write_cs
+    from cryoforum_plugin.formats.files import read_particles
+    from cryoforum_plugin.formats.star import write_star
 
     d = tmp_path
     n = 80
@@ -103,7 +105,7 @@ def test_cs_prediction_weights_and_target_error_match_star(tmp_path):
     half = np.radians(err_deg) / 2
     turn = np.concatenate([np.cos(half)[:, None], np.sin(half)[:, None] * axis], 1)
     trace = -np.round((61 - err_deg) * 2) / 2  # near 0 = uncertain = large error; exact in float32 and %.6f
-    pred = dataclasses.replace(truth, quat=geometry.normalize(geometry.quat_mul(truth.quat, turn)),
+    pred = dataclasses.replace(truth, quat=rotations.normalize(rotations.quat_mul(truth.quat, turn)),
                                prior_quat=truth.quat.copy(), uncertainty={"max": trace / 4, "trace": trace},
                                fom=np.round(rng.uniform(0, 1, n) * 64) / 64)
     (d / "p").mkdir()

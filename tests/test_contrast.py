@@ -11,15 +11,16 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import steps
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.formats.loader import ImageSource
 from cryoforum_plugin.physics.noise import estimate_noise_spectrum
-from cryoforum_plugin.formats.particles import IMAGE_SIGN_STAR, read_particles
+from cryoforum_plugin.formats.columns import IMAGE_SIGN_STAR
+from cryoforum_plugin.formats.files import read_particles
 from cryoforum_plugin.physics.reconstruct import reconstruct
-from cryoforum_plugin.refine.refinement import refine
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.refine.driver import refine
+from cryoforum_plugin.physics.resample import resized_map
 
 from conftest import DATA
 
@@ -79,7 +80,7 @@ def test_a_flipped_stack_with_its_sign_gives_the_engine_the_same_images_and_resu
     vol, apix = resized_map(DEFAULT_MAP, BOX)
     noise = [estimate_noise_spectrum(ps, vol.numpy(), map_pixel_size=apix) for ps in (light, dark)]
     assert np.allclose(noise[0].spectrum, noise[1].spectrum) and np.isclose(noise[0].snr, noise[1].snr)
-    ref = jobs.Reference(vol.numpy(), apix, "test")
+    ref = steps.Reference(vol.numpy(), apix, "test")
     scores = [refine(ps, ref.maps, reference_pixel_size=apix, global_search="none", device="cpu",
                      progress=False).score for ps in (light, dark)]
     assert np.median(scores[0]) > 0.1 and np.allclose(scores[0], scores[1], atol=1e-4), scores

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.formats.mrc import write_mrc
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.physics.resample import resized_map
 
 import loopback_cryosparc
 
@@ -60,7 +60,7 @@ def test_train_predict_pushes_back_poses_subsets_and_uncertainty(server):
     assert set(pred["uid"]) == set(ds["uid"])  # the ORIGINAL particles: same uids
     assert set(conf["uid"]) | set(rej["uid"]) == set(ds["uid"]) and len(rej) == 20 and len(conf) == 60
     assert not set(conf["uid"]) & set(rej["uid"])
-    q = geometry.cryosparc_pose_to_quat(pred["alignments3D/pose"])
+    q = rotations.cryosparc_pose_to_quat(pred["alignments3D/pose"])
     assert np.allclose(np.linalg.norm(q, axis=1), 1) and np.allclose(pred["alignments3D/shift"], ds["alignments3D/shift"], atol=1e-4)
     side = Dataset.load(str(state.project_dir / uid / "cryoforum_uncertainty.cs"))
     assert set(side["uid"]) == set(ds["uid"]) and (side["cryoforum/trace_dispersion"] <= 0).all()
@@ -153,9 +153,9 @@ def test_refinement_against_a_connected_volume_outputs_refined_poses(server):
     predicted = Dataset.load(str(state.datasets[(uid, "predicted")]))
     assert set(refined["uid"]) == set(ds["uid"])
     order = np.argsort(refined["uid"])
-    truth = geometry.cryosparc_pose_to_quat(ds["alignments3D/pose"][np.argsort(ds["uid"])])
-    err_refined = geometry.geodesic(geometry.cryosparc_pose_to_quat(refined["alignments3D/pose"][order]), truth)
-    err_pred = geometry.geodesic(geometry.cryosparc_pose_to_quat(
+    truth = rotations.cryosparc_pose_to_quat(ds["alignments3D/pose"][np.argsort(ds["uid"])])
+    err_refined = rotations.geodesic(rotations.cryosparc_pose_to_quat(refined["alignments3D/pose"][order]), truth)
+    err_pred = rotations.geodesic(rotations.cryosparc_pose_to_quat(
         predicted["alignments3D/pose"][np.argsort(predicted["uid"])]), truth)
     assert np.degrees(np.median(err_refined)) < 5 < np.degrees(np.median(err_pred))
     conf = Dataset.load(str(state.datasets[(uid, "confident")]))

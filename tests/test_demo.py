@@ -4,7 +4,7 @@ import json
 
 from cryoforum_plugin import manifest
 from cryoforum_plugin.cli import main as cli
-from cryoforum_plugin.commands.demo import DATA
+from cryoforum_plugin.commands.demo import DEMO_DATA
 from cryoforum_plugin.train.model_dir import ModelDir
 
 
@@ -20,7 +20,7 @@ def test_demo_tiny(tmp_path, capsys):
     for name in ("predicted.star", "refined.star", "confident.star", "rejected.star", "confident_map.mrc",
                  "filter.json", "refine.json", "model/best.pt"):
         assert (job / name).exists(), name
-    assert log["options_changed_from_the_defaults"] == DATA["tiny"]["options"]
+    assert log["options_changed_from_the_defaults"] == DEMO_DATA["tiny"]["options"]
     assert json.loads((job / "filter.json").read_text())["statistic"] == manifest.defaults("filter")["statistic"]
     report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
     test_split = ModelDir(tmp_path / "d" / "job" / "model").split_uids("test")

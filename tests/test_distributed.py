@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 
@@ -37,7 +37,7 @@ def test_two_process_training_and_sharded_prediction(tmp_path):
     one = starfile.read(tmp_path / "p1" / "predicted.star")["particles"]
     two = starfile.read(tmp_path / "p2" / "predicted.star")["particles"]
     assert len(two) == 203 and (one["rlnImageName"] == two["rlnImageName"]).all()
-    q1 = geometry.relion_euler_to_quat(one["rlnAngleRot"], one["rlnAngleTilt"], one["rlnAnglePsi"])
-    q2 = geometry.relion_euler_to_quat(two["rlnAngleRot"], two["rlnAngleTilt"], two["rlnAnglePsi"])
-    assert geometry.geodesic(q1, q2).max() < 1e-4  # the same rotations, in the same order
+    q1 = rotations.relion_euler_to_quat(one["rlnAngleRot"], one["rlnAngleTilt"], one["rlnAnglePsi"])
+    q2 = rotations.relion_euler_to_quat(two["rlnAngleRot"], two["rlnAngleTilt"], two["rlnAnglePsi"])
+    assert rotations.geodesic(q1, q2).max() < 1e-4  # the same rotations, in the same order
     assert np.allclose(one["rlnCryoforumTraceDispersion"], two["rlnCryoforumTraceDispersion"], rtol=1e-4, atol=1e-4)

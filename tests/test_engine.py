@@ -8,7 +8,7 @@ import pytest
 import starfile
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
@@ -18,8 +18,8 @@ from cryoforum_plugin.physics.fourier import fft2c, ifft2c, radius_2d
 from cryoforum_plugin.physics.rotations import psi_rotation_quats
 from cryoforum_plugin.nn.preprocess import LOWPASS_FRACTIONS, Preprocess, rotate_images
 from cryoforum_plugin.physics.projector import Projector
-from cryoforum_plugin.sim.dataset import resized_map
-from cryoforum_plugin.train.trainer import curriculum, sample_pairs
+from cryoforum_plugin.physics.resample import resized_map
+from cryoforum_plugin.train.losses import curriculum, sample_pairs
 from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit
 
 
@@ -45,7 +45,7 @@ def test_6d_head_and_matrix_to_quat_are_consistent():
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(50, 3, 3), atol=1e-10)
     assert torch.allclose(torch.linalg.det(R), torch.ones(50, dtype=torch.float64))
     q = matrix_to_quat_torch(R).numpy()
-    assert np.allclose(geometry.quat_to_matrix(q), R.numpy(), atol=1e-8)
+    assert np.allclose(rotations.quat_to_matrix(q), R.numpy(), atol=1e-8)
 
 
 @pytest.mark.parametrize("head,pool,blur", [("qcqp", "gem", "lowpass"), ("quat", "max", "gaussian"),
@@ -94,15 +94,15 @@ def test_in_plane_rotation_is_a_change_of_psi():
     vol, _ = resized_map(DEFAULT_MAP, 64)
     proj = Projector(vol)
     rng = np.random.default_rng(0)
-    q = geometry.random_quats(30, rng)
+    q = rotations.random_quats(30, rng)
     a = rng.uniform(-180, 180, 30)
     rotated = rotate_images(proj.project(q), torch.tensor(a, dtype=torch.float32)).numpy()
-    right = proj.project(geometry.quat_mul(psi_rotation_quats(a), q)).numpy()
-    wrong = proj.project(geometry.quat_mul(psi_rotation_quats(-a), q)).numpy()
+    right = proj.project(rotations.quat_mul(psi_rotation_quats(a), q)).numpy()
+    wrong = proj.project(rotations.quat_mul(psi_rotation_quats(-a), q)).numpy()
     cc = lambda x, y: np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(x, y)])  # noqa: E731
     assert np.median(cc(rotated, right)) > 0.9 and np.median(cc(rotated, wrong)) < 0.6
-    ang = geometry.quat_to_relion_euler(geometry.quat_mul(psi_rotation_quats(a), q))
-    assert np.allclose(((ang[:, 2] - geometry.quat_to_relion_euler(q)[:, 2] - a + 180) % 360) - 180, 0, atol=1e-6)
+    ang = rotations.quat_to_relion_euler(rotations.quat_mul(psi_rotation_quats(a), q))
+    assert np.allclose(((ang[:, 2] - rotations.quat_to_relion_euler(q)[:, 2] - a + 180) % 360) - 180, 0, atol=1e-6)
 
 
 def test_curriculum_and_pair_sampling():
@@ -111,8 +111,8 @@ def test_curriculum_and_pair_sampling():
     assert b1 == pytest.approx(0.5) and b2 == pytest.approx(0.0)
     assert curriculum("single", 0.3) == (0.5, 0.0) and curriculum("siamese_noreg", 0.5)[0] == 0.0
     rng = np.random.default_rng(0)
-    q = torch.tensor(geometry.random_quats(128, rng), dtype=torch.float32)
-    d = geometry.geodesic(q[:, None], q[None])
+    q = torch.tensor(rotations.random_quats(128, rng), dtype=torch.float32)
+    d = rotations.geodesic(q[:, None], q[None])
     gen = torch.Generator().manual_seed(0)
     i, j = sample_pairs(d, 800, "stratified", gen)
     assert (i != j).all()
@@ -124,7 +124,7 @@ def test_curriculum_and_pair_sampling():
 
 def test_symmetric_loss_distance_in_torch_matches_numpy():
     rng = np.random.default_rng(1)
-    p, q = geometry.random_quats(50, rng), geometry.random_quats(50, rng)
+    p, q = rotations.random_quats(50, rng), rotations.random_quats(50, rng)
     g = symmetry.group_quats("D2")
     t = symmetry.symmetric_geodesic(torch.tensor(p), torch.tensor(q), torch.tensor(g)).numpy()
     assert np.allclose(t, symmetry.symmetric_geodesic(p, q, g), atol=1e-5)
@@ -163,7 +163,7 @@ def test_training_writes_model_dir_and_resumes(tiny_run, tmp_path):
 
 
 def test_resume_after_interruption(tiny_run, tmp_path):
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
     from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")
@@ -190,7 +190,7 @@ def test_resume_after_interruption(tiny_run, tmp_path):
 
 def test_streamed_training_with_loader_processes_equals_cached_training(tiny_run, tmp_path):
     """A set too large for the cache is streamed by loader processes: same batches, same order, same model."""
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
     from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")
@@ -227,12 +227,12 @@ def test_predict_outputs_keep_columns_and_uids(tiny_run):
     cs = Dataset.load(str(d / "pred" / "predicted.cs"))
     side = Dataset.load(str(d / "pred" / "predicted_uncertainty.cs"))
     assert (cs["uid"] == p["rlnCryoforumUid"].to_numpy(np.uint64)).all() and (side["uid"] == cs["uid"]).all()
-    q_star = geometry.relion_euler_to_quat(p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"])
-    assert geometry.geodesic(q_star, geometry.cryosparc_pose_to_quat(cs["alignments3D/pose"])).max() < 1e-5
+    q_star = rotations.relion_euler_to_quat(p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"])
+    assert rotations.geodesic(q_star, rotations.cryosparc_pose_to_quat(cs["alignments3D/pose"])).max() < 1e-5
 
 
 def test_training_needs_poses(tmp_path, tiny_run):
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
     from cryoforum_plugin.train.trainer import Trainer, TrainConfig
 
     ps = read_star(tiny_run / "sim" / "particles.star")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.infer.metrics import geodesic_errors
@@ -16,7 +16,7 @@ from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.infer.predict import predict
 from cryoforum_plugin.nn.preprocess import Preprocess
 from cryoforum_plugin.train.config import TrainConfig
-from cryoforum_plugin.train.trainer import grid_cross_entropy, grid_sigma, grid_targets
+from cryoforum_plugin.train.losses import grid_cross_entropy, grid_sigma, grid_targets
 from cryoforum_plugin.nn.uncertainty import dispersions
 
 SPACING = 15.0
@@ -37,7 +37,7 @@ def test_grid_covers_rotation_space_up_to_symmetry(sym):
     assert len(c1) == 4416
     assert symmetry.in_asu(grid, sym).all()
     assert abs(len(grid) * symmetry.order(sym) / len(c1) - 1) < 0.1  # the asymmetric unit: 1/|group| of SO(3)
-    d = nearest_deg(geometry.random_quats(300, np.random.default_rng(1)), grid, sym)
+    d = nearest_deg(rotations.random_quats(300, np.random.default_rng(1)), grid, sym)
     assert d.max() < SPACING, d.max()  # every rotation within one grid step of a grid rotation (or a mate's)
     # near-uniform: no two grid rotations much closer than a grid step (measured: 13.9° to 15°)
     own = nearest_deg(c1[::37], np.delete(c1, np.arange(0, len(c1), 37), 0), "C1")
@@ -56,7 +56,7 @@ def test_concentrated_logits_give_that_rotation_and_a_confident_dispersion():
     logits[torch.arange(4), idx] = 40.0
     quat, A, evals = grid_distribution(logits, grid, group, SPACING)
     assert quat.shape == (4, 4) and A.shape == (4, 4, 4) and evals.shape == (4, 4)
-    assert np.degrees(geometry.geodesic(quat.double().numpy(), grid[idx].numpy())).max() < 1e-3
+    assert np.degrees(rotations.geodesic(quat.double().numpy(), grid[idx].numpy())).max() < 1e-3
     assert torch.allclose(evals, torch.tensor([-1.0, 0, 0, 0]).expand(4, 4), atol=1e-5)
     disp = dispersions(evals.numpy())
     assert np.allclose(disp["max"], -1, atol=1e-5) and np.allclose(disp["trace"], -3, atol=1e-4)
@@ -71,23 +71,23 @@ def test_the_mode_is_refined_below_the_grid_step():
     grid rotation does; two equal neighbours: the mode lies half-way between them."""
     _, grid, group = _head()
     rng = np.random.default_rng(3)
-    true = torch.as_tensor(geometry.random_quats(40, rng))
-    d = geometry.geodesic(grid[None], true[:, None])  # (40, G)
+    true = torch.as_tensor(rotations.random_quats(40, rng))
+    d = rotations.geodesic(grid[None], true[:, None])  # (40, G)
     logits = (-(d**2) / (2 * math.radians(SPACING / 2) ** 2)).float()
     quat, _, evals = grid_distribution(logits, grid, group, SPACING)
-    err_mode = np.degrees(geometry.geodesic(quat.double(), true).numpy())
+    err_mode = np.degrees(rotations.geodesic(quat.double(), true).numpy())
     err_grid = np.degrees(d.min(1).values.numpy())
     # measured: median 0.44° against 7.7° for the most probable grid rotation
     assert np.median(err_mode) < 0.2 * np.median(err_grid), (np.median(err_mode), np.median(err_grid))
     assert dispersions(evals.numpy())["max"].max() < -0.5  # a peak of σ = half a grid step is confident
     a = 100
     g = grid.numpy()
-    b = int(geometry.geodesic(g[a], g).argsort()[1])  # a's nearest neighbour
+    b = int(rotations.geodesic(g[a], g).argsort()[1])  # a's nearest neighbour
     two = torch.full((1, len(grid)), -50.0)
     two[0, [a, b]] = 0.0
     mid = grid_distribution(two, grid, group, SPACING)[0][0].double().numpy()
-    half = geometry.geodesic(g[a], g[b]) / 2
-    assert abs(geometry.geodesic(mid, g[a]) - half) < 1e-5 and abs(geometry.geodesic(mid, g[b]) - half) < 1e-5
+    half = rotations.geodesic(g[a], g[b]) / 2
+    assert abs(rotations.geodesic(mid, g[a]) - half) < 1e-5 and abs(rotations.geodesic(mid, g[b]) - half) < 1e-5
 
 
 def test_symmetric_grid_keeps_one_mode_across_the_asymmetric_unit_border():
@@ -98,7 +98,7 @@ def test_symmetric_grid_keeps_one_mode_across_the_asymmetric_unit_border():
     sym = "D2"
     _, grid, group = _head(sym)
     rng = np.random.default_rng(4)
-    true = torch.as_tensor(geometry.random_quats(60, rng))
+    true = torch.as_tensor(rotations.random_quats(60, rng))
     sigma = math.radians(SPACING / 2)
     d = symmetry.symmetric_geodesic(grid[None], true[:, None], group)
     quat, _, evals = grid_distribution((-(d**2) / (2 * sigma**2)).float(), grid, group, SPACING)
@@ -112,7 +112,7 @@ def test_symmetric_grid_keeps_one_mode_across_the_asymmetric_unit_border():
     assert flat[0] > dispersions(evals.numpy())["max"].max() + 0.2
     # the same peaks on the C1 grid give the same confidence
     _, g1, id1 = _head("C1")
-    d1 = geometry.geodesic(g1[None], true[:, None])
+    d1 = rotations.geodesic(g1[None], true[:, None])
     _, _, ev1 = grid_distribution((-(d1**2) / (2 * sigma**2)).float(), g1, id1, SPACING)
     assert np.abs(dispersions(evals.numpy())["max"] - dispersions(ev1.numpy())["max"]).max() < 0.1
 
@@ -140,7 +140,7 @@ def test_soft_target_loss_is_minimised_by_the_target_log_probabilities():
     grid = torch.as_tensor(symmetry.so3_grid(30.0, "D2"), dtype=torch.float32)
     group = torch.as_tensor(symmetry.group_quats("D2"), dtype=torch.float32)
     rng = np.random.default_rng(5)
-    target = torch.as_tensor(geometry.random_quats(8, rng), dtype=torch.float32)
+    target = torch.as_tensor(rotations.random_quats(8, rng), dtype=torch.float32)
     soft = grid_targets(grid, target, group, math.radians(20.0))
     assert torch.allclose(soft.sum(1), torch.ones(8))
     nearest = symmetry.symmetric_geodesic(grid[None], target[:, None], group).argmin(1)
@@ -187,7 +187,7 @@ def test_grid_head_learns_far_below_chance_and_its_confidence_rejects_junk(pretr
     (40°, 0.7, 0.85) leave a wide margin. The ranking of the errors among good particles is
     not asserted: at this size (errors mostly within one 30° grid cell) it is not certain (Spearman 0.03-0.41 over
     those runs); benchmarks/RESULTS.md measures it at a realistic size."""
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
     from cryoforum_plugin.sim.dataset import simulate
 
     particles, test, model = (pretrained_from_map[k] for k in ("particles", "split", "model"))

@@ -8,7 +8,7 @@ import pytest
 from cryoforum_plugin.formats.loader import ImageSource
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import StackReader, stack_shape
-from cryoforum_plugin.formats.particles import read_star
+from cryoforum_plugin.formats.star import read_star
 
 
 def _rss_kb() -> int:

@@ -1,4 +1,4 @@
-"""What a whole job (``jobs.pipeline``) does with half-sets and poses, through its real outputs (STAR and .cs):
+"""What a whole job (``pipeline_job.pipeline``) does with half-sets and poses, through its real outputs (STAR and .cs):
 
 - gold standard: every particle gets ONE half-set (the input's where it has one, else keyed by its uid); the
   training map, the reference's half-maps and the refinement all use it (each particle is matched against the
@@ -18,18 +18,20 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.pipeline import options as pipeline_options
+from cryoforum_plugin.pipeline import steps
+from cryoforum_plugin.pipeline import job as pipeline_job
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.infer.metrics import geodesic_errors
 from cryoforum_plugin.train.model_dir import ModelDir
-from cryoforum_plugin.formats.particles import (
-    PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS, half_sets, read_particles, uid_half_sets,
-)
+from cryoforum_plugin.formats.columns import PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
+from cryoforum_plugin.formats.files import read_particles
+from cryoforum_plugin.formats.particles import half_sets, uid_half_sets
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.refine.refinement import RefineResult
+from cryoforum_plugin.refine.driver import RefineResult
 
 N, GIVEN = 120, 40  # particles; the first GIVEN keep the input's half-set (rlnRandomSubset), the others have none
 OPTS = {"preset": "paper", "epochs": 1, "box": 32, "width": 0.125, "batch": 16, "pretrain_steps": 2,
@@ -53,7 +55,7 @@ def job(tmp_path_factory):
     calls = []
     mp = pytest.MonkeyPatch()
     from cryoforum_plugin.physics import reconstruct as reconstruction
-    from cryoforum_plugin.refine import refinement
+    from cryoforum_plugin.refine import driver
 
     def spy(module, name, what):
         real = getattr(module, name)
@@ -65,17 +67,17 @@ def job(tmp_path_factory):
         mp.setattr(module, name, wrapper)
 
     spy(reconstruction, "reconstruct", "reconstruct")
-    spy(refinement, "refine", "refine")
+    spy(driver, "refine", "refine")
     try:
-        opts = jobs.options(**OPTS)
-        result = jobs.pipeline(opts, train_set=ps, predict_set=ps, model_dir=d / "model", events=Events())
+        opts = pipeline_options.options(**OPTS)
+        result = pipeline_job.pipeline(opts, train_set=ps, predict_set=ps, model_dir=d / "model", events=Events())
     finally:
         mp.undo()
     out, src = d / "out", d / "sim" / "input.star"
     out.mkdir()
-    jobs.write_predictions(result.predicted, out, src, "both")
-    jobs.write_refined(result.refined, result.refinement, out, src, "both")
-    jobs.write_selection(result.final, result.selection, out, src, "both")
+    steps.write_predictions(result.predicted, out, src, "both")
+    steps.write_refined(result.refined, result.refinement, out, src, "both")
+    steps.write_selection(result.final, result.selection, out, src, "both")
     return {"dir": d, "input": ps, "given": given, "calls": calls, "result": result, "out": out}
 
 
@@ -123,9 +125,9 @@ def test_outputs_keep_the_input_poses_the_prediction_and_the_refined_poses(job):
     in the predicted columns; rlnAngle* holds the refined pose; the same in the .cs outputs."""
     out, d = job["out"], job["dir"]
     src = _table(d / "sim" / "input.star")
-    q_input = geometry.relion_euler_to_quat(src["rlnAngleRot"], src["rlnAngleTilt"], src["rlnAnglePsi"])
+    q_input = rotations.relion_euler_to_quat(src["rlnAngleRot"], src["rlnAngleTilt"], src["rlnAnglePsi"])
     pred = _table(out / "predicted.star")
-    q_pred = geometry.relion_euler_to_quat(pred["rlnAngleRot"], pred["rlnAngleTilt"], pred["rlnAnglePsi"])
+    q_pred = rotations.relion_euler_to_quat(pred["rlnAngleRot"], pred["rlnAngleTilt"], pred["rlnAnglePsi"])
     assert np.degrees(np.median(geodesic_errors(q_pred, q_input))) > 20  # the prediction differs from the input
     refined = job["result"].refined
     assert np.degrees(np.median(geodesic_errors(refined.quat, q_pred))) > 1  # and the refinement moved it
@@ -135,7 +137,7 @@ def test_outputs_keep_the_input_poses_the_prediction_and_the_refined_poses(job):
         rows = [row[u] for u in table["rlnCryoforumUid"].to_numpy(np.uint64).tolist()]
 
         def angles(columns):
-            return geometry.relion_euler_to_quat(*(table[c].to_numpy() for c in columns))
+            return rotations.relion_euler_to_quat(*(table[c].to_numpy() for c in columns))
 
         assert geodesic_errors(angles(PRIOR_ANGLE_COLUMNS), q_input[rows]).max() < 1e-4, stem
         assert geodesic_errors(angles(PREDICTED_ANGLE_COLUMNS), q_pred[rows]).max() < 1e-4, stem
@@ -150,8 +152,8 @@ def test_outputs_keep_the_input_poses_the_prediction_and_the_refined_poses(job):
 
 
 def _refined_to(job, monkeypatch, poses) -> tuple:
-    """``jobs.refine`` of the job's predicted set with a stub refinement that returns ``poses(predicted)``."""
-    from cryoforum_plugin.refine import refinement
+    """``steps.refine`` of the job's predicted set with a stub refinement that returns ``poses(predicted)``."""
+    from cryoforum_plugin.refine import driver
 
     predicted = job["result"].predicted
 
@@ -159,8 +161,8 @@ def _refined_to(job, monkeypatch, poses) -> tuple:
         n = len(ps)
         return RefineResult(poses(ps).copy(), ps.shift_A.copy(), np.ones(n), np.ones(n), np.zeros(n, bool), 1.0)
 
-    monkeypatch.setattr(refinement, "refine", stub)
-    refined, _ = jobs.refine(predicted, job["result"].reference)
+    monkeypatch.setattr(driver, "refine", stub)
+    refined, _ = steps.refine(predicted, job["result"].reference)
     return refined, ModelDir(job["dir"] / "model")
 
 
@@ -169,15 +171,15 @@ def test_target_error_is_calibrated_on_the_final_poses_against_the_input_poses(j
     met; one that keeps the (near-chance) prediction has the network's error, whatever its distance to the
     prediction (zero): the calibration measures final vs input, not final vs predicted."""
     refined, model = _refined_to(job, monkeypatch, lambda ps: ps.prior_quat)
-    rows, err = jobs._validation_errors(refined, model)
+    rows, err = steps._validation_errors(refined, model)
     assert len(rows) >= 10 and err.max() < 1e-6
     assert np.degrees(np.median(geodesic_errors(refined.quat, job["result"].predicted.quat))) > 20
-    selection = jobs.select(refined, target_error=2.0, model_dir=model)
+    selection = steps.select(refined, target_error=2.0, model_dir=model)
     assert selection.summary["mode"] == "target_error" and selection.kept > 0
     # the refinement kept the prediction: the error is the network's (far above the target), so no threshold
     stuck, model = _refined_to(job, monkeypatch, lambda ps: ps.quat)
-    rows, err = jobs._validation_errors(stuck, model)
+    rows, err = steps._validation_errors(stuck, model)
     assert np.degrees(np.median(err)) > 20
     assert np.allclose(err, geodesic_errors(stuck.quat[rows], job["input"].quat[rows]))
     with pytest.raises(CryoforumError, match="no threshold"):
-        jobs.select(stuck, target_error=2.0, model_dir=model)
+        steps.select(stuck, target_error=2.0, model_dir=model)

@@ -2,18 +2,18 @@
 
 import pytest
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import options as pipeline_options
 from cryoforum_plugin import manifest
 from cryoforum_plugin.cli import build_parser
 from cryoforum_plugin.errors import CryoforumError
 
 
 def test_options_are_the_pipeline_declarations_with_their_defaults():
-    opts = jobs.options(head="quat")
+    opts = pipeline_options.options(head="quat")
     assert opts.head == "quat" and opts.drop == manifest.defaults("filter")["drop"]
     assert opts.global_search == manifest.defaults("refine")["global_search"] and opts.refine is True
     with pytest.raises(CryoforumError, match="unknown option"):
-        jobs.options(no_such_option=1)
+        pipeline_options.options(no_such_option=1)
 
 
 def test_both_adapters_accept_every_engine_option():

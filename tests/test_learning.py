@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution
 from cryoforum_plugin.formats.mrc import read_map, write_mrc
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.physics.resample import resized_map
 
 from conftest import run_relion, write_pose_star
 
@@ -30,7 +30,7 @@ def trained(relion, tmp_path_factory):
     write_mrc(d / "map.mrc", vol.numpy(), apix)
     rng = np.random.default_rng(5)
     n = 2000
-    quat = geometry.random_quats(n, rng)
+    quat = rotations.random_quats(n, rng)
     shift = rng.uniform(-1, 1, (n, 2)) * apix
     write_pose_star(d / "poses.star", quat, shift, apix, BOX)
     run_relion(["relion_project", "--i", "map.mrc", "--ang", "poses.star", "--o", "parts"], cwd=d)
@@ -62,8 +62,8 @@ def test_exported_predictions_reconstruct_the_true_map_in_relion(trained):
     run_relion(["relion_reconstruct", "--i", "predicted.star", "--o", "../pred.mrc"], cwd=d / "p")
     blocks = starfile.read(d / "p" / "predicted.star")
     p = blocks["particles"]
-    q = geometry.relion_euler_to_quat(p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"])
-    wrong = geometry.quat_to_relion_euler(geometry.quat_conj(q))  # the transposed matrix
+    q = rotations.relion_euler_to_quat(p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"])
+    wrong = rotations.quat_to_relion_euler(rotations.quat_conj(q))  # the transposed matrix
     p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = wrong[:, 0], wrong[:, 1], wrong[:, 2]
     starfile.write(blocks, d / "p" / "transposed.star")
     run_relion(["relion_reconstruct", "--i", "transposed.star", "--o", "../transposed.mrc"], cwd=d / "p")

@@ -39,20 +39,21 @@ def test_model_dir_round_trip_and_legacy_option_name(tmp_path):
 
 
 def test_presets_fill_the_options_left_at_their_defaults():
-    from cryoforum_plugin.pipeline import job as jobs
+    from cryoforum_plugin.pipeline import options as pipeline_options
     from cryoforum_plugin.train.config import PRESETS
 
-    cpu = TrainConfig.from_args(jobs.options(preset="cpu", epochs=7))
+    cpu = TrainConfig.from_args(pipeline_options.options(preset="cpu", epochs=7))
     assert cpu.pretrain_steps == PRESETS["cpu"]["pretrain_steps"] > 0 and cpu.box == 64 and cpu.epochs == 7
     assert cpu.time_budget == PRESETS["cpu"]["time_budget"] > 0
     # the user's own step count is run as given: the preset's time budget does not resize it
-    steps = TrainConfig.from_args(jobs.options(preset="cpu", pretrain_steps=500))
+    steps = TrainConfig.from_args(pipeline_options.options(preset="cpu", pretrain_steps=500))
     assert steps.pretrain_steps == 500 and steps.time_budget == 0 and steps.box == 64
-    both = TrainConfig.from_args(jobs.options(preset="cpu", pretrain_steps=500, time_budget=5.0))
+    both = TrainConfig.from_args(pipeline_options.options(preset="cpu", pretrain_steps=500, time_budget=5.0))
     assert both.pretrain_steps == 500 and both.time_budget == 5.0
-    assert TrainConfig.from_args(jobs.options(preset="paper")) == TrainConfig()  # the paper = the declared defaults
-    assert TrainConfig.from_args(jobs.options(preset="auto", device="cpu")) == TrainConfig.from_args(
-        jobs.options(preset="cpu"))
+    # the paper = the declared defaults
+    assert TrainConfig.from_args(pipeline_options.options(preset="paper")) == TrainConfig()
+    assert TrainConfig.from_args(pipeline_options.options(preset="auto", device="cpu")) == TrainConfig.from_args(
+        pipeline_options.options(preset="cpu"))
     with pytest.raises(CryoforumError, match="preset"):
         TrainConfig.from_args({"preset": "fast"})
 

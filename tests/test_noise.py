@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.physics.fourier import as_tensor, resize_images, resize_volume
+from cryoforum_plugin.physics.fourier import as_tensor
+from cryoforum_plugin.physics.resample import resample
 from cryoforum_plugin.formats.mrc import StackWriter, read_map
 from cryoforum_plugin.physics.noise import (
     NoiseModel, background_noise_spectrum, estimate_noise_spectrum, lorentzian_with_bump, radial_power,
@@ -44,15 +45,15 @@ def true_shell_spectrum(box, sigma2):
 def particles(tmp_path_factory):
     rng = np.random.default_rng(7)
     raw, apix64 = read_map(DEFAULT_MAP)
-    vol = resize_volume(as_tensor(raw), BOX)
+    vol = resample(as_tensor(raw), BOX, 3)
     apix = apix64 * raw.shape[0] / BOX
-    quat = geometry.random_quats(N, rng)
+    quat = rotations.random_quats(N, rng)
     shift = rng.uniform(-10, 10, (N, 2))
     du = rng.uniform(10000, 25000, N)
     ctf = {"defocus_u": du, "defocus_v": du - rng.uniform(0, 500, N), "defocus_angle": rng.uniform(0, 180, N),
            "voltage": np.full(N, 300.0), "cs": np.full(N, 2.7), "amp_contrast": np.full(N, 0.1),
            "phase_shift": np.zeros(N)}
-    clean = Projector(vol).project(quat, as_tensor(shift / apix), ctf_2d(ctf, np.arange(N), BOX, apix))
+    clean = Projector(vol).project(quat, as_tensor(shift / apix), ctf_images(ctf, np.arange(N), BOX, apix))
     clean = -3.0 * clean.numpy()  # images have their own scale and contrast sign
     signal_var = clean.var(axis=(1, 2)).mean()
     snr = 0.2
@@ -113,7 +114,7 @@ def test_model_samples_whitens_resamples_and_round_trips():
     # Fourier-cropping the noise to 16 px (8 Å) matches the resampled model (but at Nyquist, where the crop
     # leaves unpaired coefficients)
     small = model.resampled(16, 8.0)
-    assert np.abs(radial_power(resize_images(x, 16)).numpy()[:-1] / small.spectrum[:-1] - 1).max() < 0.1
+    assert np.abs(radial_power(resample(x, 16, 2)).numpy()[:-1] / small.spectrum[:-1] - 1).max() < 0.1
     back = NoiseModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert np.array_equal(back.spectrum, model.spectrum) and np.array_equal(back.signal_spectrum, model.signal_spectrum)
     assert (back.snr, back.pixel_size, back.box) == (0.3, 4.0, BOX)

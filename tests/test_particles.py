@@ -8,11 +8,12 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import StackReader
-from cryoforum_plugin.formats.particles import read_cs, read_star, write_cs, write_star
+from cryoforum_plugin.formats.cs import read_cs, write_cs
+from cryoforum_plugin.formats.star import read_star, write_star
 
 from conftest import DATA
 
@@ -24,7 +25,7 @@ def test_reads_relion_written_star_and_images(relion_set):
     assert len(ps) == 400 and ps.source["version"] == "3.1" and int(ps.box[0]) == relion_set["box"]
     assert np.allclose(ps.pixel_size, relion_set["pixel_size"], atol=1e-5)
     # RELION prints angles with ~1e-5 degree precision
-    assert geometry.geodesic(ps.quat, relion_set["quat"]).max() < 1e-5
+    assert rotations.geodesic(ps.quat, relion_set["quat"]).max() < 1e-5
     assert np.allclose(ps.shift_A, relion_set["shift_A"], atol=1e-4)
     assert ps.ctf is not None and np.all(ps.ctf["voltage"] == 300)
     with StackReader(max_open=2) as reader:
@@ -39,14 +40,14 @@ def test_star_cs_star_round_trip_keeps_optics_and_columns(relion_set, tmp_path):
     ps = read_star(src)
     write_cs(ps, tmp_path / "p.cs")
     back = read_cs(tmp_path / "p.cs")
-    assert geometry.geodesic(back.quat, ps.quat).max() < 1e-6
+    assert rotations.geodesic(back.quat, ps.quat).max() < 1e-6
     assert np.allclose(back.shift_A, ps.shift_A, atol=1e-4)
     for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast"):
         assert np.allclose(back.ctf[k], ps.ctf[k], rtol=1e-6, atol=1e-4), k
     assert (back.image_path == ps.image_path).all() and (back.image_index == ps.image_index).all()
     write_star(back, tmp_path / "p.star", relative_to=tmp_path)
     again = read_star(tmp_path / "p.star")
-    assert geometry.geodesic(again.quat, ps.quat).max() < 1e-6
+    assert rotations.geodesic(again.quat, ps.quat).max() < 1e-6
     assert np.allclose(again.shift_A, ps.shift_A, atol=1e-4)
     assert (again.uid == back.uid).all()
     optics = starfile.read(tmp_path / "p.star")["optics"]
@@ -73,7 +74,7 @@ def make_cs(tmp_path, n=30, box=32):
     stack = rng.normal(size=(n, box, box)).astype(np.float32)
     with mrcfile.new(proj / "J5" / "extract" / "stack.mrc") as m:
         m.set_data(stack)
-    from cryoforum_plugin.formats.particles import CS_ALIGN_FIELDS, CS_BLOB_FIELDS, CS_CTF_FIELDS
+    from cryoforum_plugin.formats.columns import CS_ALIGN_FIELDS, CS_BLOB_FIELDS, CS_CTF_FIELDS
 
     ds = Dataset.allocate(n, CS_BLOB_FIELDS + CS_CTF_FIELDS + CS_ALIGN_FIELDS)
     ds["blob/path"] = np.array([">J5/extract/stack.mrc"] * n, dtype=object)
@@ -87,7 +88,7 @@ def make_cs(tmp_path, n=30, box=32):
     ds["ctf/cs_mm"] = 2.7
     ds["ctf/amp_contrast"] = 0.07
     ds["ctf/exp_group_id"] = rng.integers(0, 2, n)
-    ds["alignments3D/pose"] = geometry.quat_to_cryosparc_pose(geometry.random_quats(n, rng))
+    ds["alignments3D/pose"] = rotations.quat_to_cryosparc_pose(rotations.random_quats(n, rng))
     ds["alignments3D/shift"] = rng.uniform(-4, 4, (n, 2))
     ds["alignments3D/psize_A"] = 2.1
     ds["alignments3D/split"] = rng.integers(0, 2, n)
@@ -108,8 +109,8 @@ def test_cs_star_cs_round_trip_is_lossless(tmp_path):
     assert cli(["convert", str(out / "p.star"), str(out / "back.cs"), "--project-dir", str(proj)]) == 0
     back = Dataset.load(str(out / "back.cs"))
     assert (back["uid"] == ds["uid"]).all()
-    q0 = geometry.cryosparc_pose_to_quat(ds["alignments3D/pose"])
-    assert geometry.geodesic(geometry.cryosparc_pose_to_quat(back["alignments3D/pose"]), q0).max() < 1e-6
+    q0 = rotations.cryosparc_pose_to_quat(ds["alignments3D/pose"])
+    assert rotations.geodesic(rotations.cryosparc_pose_to_quat(back["alignments3D/pose"]), q0).max() < 1e-6
     assert np.allclose(back["alignments3D/shift"], ds["alignments3D/shift"], atol=1e-5)
     for f in ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast",
               "ctf/exp_group_id", "alignments3D/split", "blob/idx", "blob/psize_A"):
@@ -231,9 +232,9 @@ def _with_typed_fields(ps, seed=0):
 
     rng = np.random.default_rng(seed)
     n = len(ps)
-    prior = geometry.random_quats(n, rng)
+    prior = rotations.random_quats(n, rng)
     prior[::7] = np.nan  # rows without a prior pose
-    predicted = geometry.random_quats(n, rng)
+    predicted = rotations.random_quats(n, rng)
     predicted[1::5] = np.nan
     return dataclasses.replace(
         ps, uncertainty={"max": -rng.integers(1, 400, n) / 4.0, "trace": -rng.integers(1, 4000, n) / 4.0},
@@ -249,13 +250,13 @@ def _assert_typed_equal(a, b, prior_tol=1e-5):
         qa, qb = getattr(a, name), getattr(b, name)
         known = np.isfinite(qa).all(axis=1)
         assert np.array_equal(known, np.isfinite(qb).all(axis=1)), name
-        assert geometry.geodesic(qa[known], qb[known]).max() < prior_tol, name
+        assert rotations.geodesic(qa[known], qb[known]).max() < prior_tol, name
 
 
 def test_typed_fields_survive_star_cs_star_and_subset(tmp_path):
     """Uncertainty, figure of merit, junk label and prior pose are read by both readers, written by both writers
     (STAR columns / cryoforum/* .cs fields), survive STAR -> .cs -> STAR, and are sliced by subset()."""
-    from cryoforum_plugin.formats.particles import FOM_COLUMN, JUNK_COLUMN, PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
+    from cryoforum_plugin.formats.columns import FOM_COLUMN, JUNK_COLUMN, PREDICTED_ANGLE_COLUMNS, PRIOR_ANGLE_COLUMNS
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = _with_typed_fields(read_cs(path))
@@ -311,17 +312,17 @@ def test_extra_columns_set_typed_fields(tmp_path):
     set the typed fields, which are what the writers write."""
     import dataclasses
 
-    from cryoforum_plugin.formats.particles import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
+    from cryoforum_plugin.formats.columns import FOM_COLUMN, JUNK_COLUMN, PRIOR_ANGLE_COLUMNS
 
     path, proj, ds, _ = make_cs(tmp_path)
     ps = read_cs(path)
     n = len(ps)
-    angles = geometry.quat_to_relion_euler(ps.quat)
+    angles = rotations.quat_to_relion_euler(ps.quat)
     extra = {FOM_COLUMN: np.linspace(0, 1, n), JUNK_COLUMN: np.arange(n) % 2, "rlnMyExtra": np.arange(n) * 2.0,
              **{c: angles[:, i] for i, c in enumerate(PRIOR_ANGLE_COLUMNS)}}
     out = dataclasses.replace(ps, extra=extra)
     assert np.array_equal(out.fom, extra[FOM_COLUMN]) and np.array_equal(out.junk, extra[JUNK_COLUMN])
-    assert geometry.geodesic(out.prior_quat, ps.quat).max() < 1e-6
+    assert rotations.geodesic(out.prior_quat, ps.quat).max() < 1e-6
     out.fom = out.fom[::-1].copy()  # the typed field wins over extra's copy
     write_star(out, tmp_path / "x.star")
     table = starfile.read(tmp_path / "x.star")["particles"]

@@ -5,18 +5,18 @@ with itself is 1 and of independent noise is about 0, and shifts move images the
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.physics.ctf import ctf_2d, electron_wavelength
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.physics.ctf import ctf_images, electron_wavelength
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.physics.fourier import fft2c, ifft2c, shift_phase
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution
 from cryoforum_plugin.physics.projector import Backprojector, Projector
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.physics.resample import resized_map
 
 
 def test_projection_then_back_projection_returns_the_map():
     vol, apix = resized_map(DEFAULT_MAP, 32)
-    quats = geometry.random_quats(1500, np.random.default_rng(0))
+    quats = rotations.random_quats(1500, np.random.default_rng(0))
     images = Projector(vol).project(quats)
     bp = Backprojector(32)
     bp.insert(images, quats)
@@ -26,7 +26,7 @@ def test_projection_then_back_projection_returns_the_map():
     assert np.corrcoef(rec.ravel(), vol.numpy().ravel())[0, 1] > 0.95
     # a transposed pose convention reconstructs something else
     bad = Backprojector(32)
-    bad.insert(images, geometry.quat_conj(quats))
+    bad.insert(images, rotations.quat_conj(quats))
     bad_curve = fsc_curve(bad.reconstruct().numpy(), vol.numpy())
     assert bad_curve[4:12].mean() < 0.5, bad_curve[:12]
 
@@ -35,7 +35,7 @@ def test_ctf_zeros_are_where_the_formula_puts_them():
     box, apix, defocus = 128, 1.0, 15000.0
     ctf = {"defocus_u": np.array([defocus]), "defocus_v": np.array([defocus]), "defocus_angle": np.zeros(1),
            "voltage": np.array([300.0]), "cs": np.zeros(1), "amp_contrast": np.zeros(1), "phase_shift": np.zeros(1)}
-    c = ctf_2d(ctf, [0], box, apix)[0].numpy()
+    c = ctf_images(ctf, [0], box, apix)[0].numpy()
     lam = float(electron_wavelength(300.0))
     # without Cs and amplitude contrast: CTF = -sin(-π λ Δf s²) vanishes at s_n = sqrt(n / (λ Δf))
     row = c[box // 2, box // 2:]  # along +x, index k = frequency k / (box apix)

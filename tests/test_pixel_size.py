@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import steps
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.infer.metrics import geodesic_errors
 from cryoforum_plugin.formats.loader import ImageSource
 from cryoforum_plugin.train.model_dir import ModelDir
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 from cryoforum_plugin.nn.preprocess import to_model_grid
 
 
@@ -38,7 +38,7 @@ def model(tmp_path_factory):
 
 
 def _predicted(ps, model_dir):
-    pred, _ = jobs.predict(ps, model_dir, device="cpu")
+    pred, _ = steps.predict(ps, model_dir, device="cpu")
     return pred.quat
 
 
@@ -114,7 +114,7 @@ def test_particles_coarser_than_the_model_are_one_clear_error(model, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Nyquist" in err and "Traceback" not in err
     with pytest.raises(CryoforumError):
-        jobs.predict(read_particles(d / "coarse" / "particles.star"), d / "m", device="cpu")
+        steps.predict(read_particles(d / "coarse" / "particles.star"), d / "m", device="cpu")
 
 
 def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp_path, capsys):
@@ -124,7 +124,7 @@ def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp
     sampling; prediction resamples each group instead (test above)."""
     from cryoforum_plugin.formats.mrc import write_mrc
     from cryoforum_plugin.physics.noise import estimate_noise_spectrum
-    from cryoforum_plugin.sim.dataset import resized_map
+    from cryoforum_plugin.physics.resample import resized_map
 
     _simulate(tmp_path / "a", 32, 1, 12)
     star = _two_optics_groups(tmp_path, 12)
@@ -137,9 +137,9 @@ def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp
         assert exc.value.path == star and exc.value.row == 12, text
         assert "row 13" in text and "optics group 2" in text and "Fix:" in text, text
 
-    for step in (lambda: jobs.reconstruct(ps, tmp_path / "x.mrc", device="cpu"),
+    for step in (lambda: steps.reconstruct(ps, tmp_path / "x.mrc", device="cpu"),
                  lambda: estimate_noise_spectrum(ps, vol.numpy(), map_pixel_size=apix),
-                 lambda: jobs.refine(ps, jobs.Reference.from_files(reference=tmp_path / "ref.mrc"), device="cpu")):
+                 lambda: steps.refine(ps, steps.Reference.from_files(reference=tmp_path / "ref.mrc"), device="cpu")):
         with pytest.raises(CryoforumError) as exc:
             step()
         clear(exc)

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.infer.metrics import geodesic_errors
 from cryoforum_plugin.formats.mrc import write_mrc
-from cryoforum_plugin.formats.particles import read_particles, write_particles
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.formats.files import read_particles, write_particles
+from cryoforum_plugin.physics.resample import resized_map
 
 
 def _perturbed(ps, deg, rng):
@@ -21,7 +21,7 @@ def _perturbed(ps, deg, rng):
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
     half = np.radians(deg) / 2
     dq = np.concatenate([np.full((len(ps), 1), np.cos(half)), axis * np.sin(half)], 1)
-    return geometry.normalize(geometry.quat_mul(dq, ps.quat))
+    return rotations.normalize(rotations.quat_mul(dq, ps.quat))
 
 
 def test_refine_command_recovers_perturbed_poses(tmp_path, capsys):

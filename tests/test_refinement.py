@@ -11,18 +11,19 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
-from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.data import BETAGAL_MAP, DEFAULT_MAP
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.physics.fourier import resize_volume
+from cryoforum_plugin.physics.resample import resample
 from cryoforum_plugin.formats.mrc import write_mrc
-from cryoforum_plugin.formats.particles import ParticleSet, read_star
+from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.formats.star import read_star
 from cryoforum_plugin.physics.projector import Projector
 from cryoforum_plugin.physics.reconstruct import reconstruct
-from cryoforum_plugin.refine.refinement import _quat_to_matrix, _rotvec_to_quat, refine
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.refine.driver import refine
+from cryoforum_plugin.physics.resample import resized_map
 
 
 
@@ -31,13 +32,13 @@ def make_particles(path, vol, apix, n, seed, snr=0.1, max_shift=3.0, half_set=No
     astigmatic CTF and white noise; ``sign=-1`` makes them with the opposite shift sign (a convention bug)."""
     box = vol.shape[0]
     rng = np.random.default_rng(seed)
-    quat = geometry.random_quats(n, rng)
+    quat = rotations.random_quats(n, rng)
     shift = rng.uniform(-max_shift, max_shift, (n, 2))
     du = rng.uniform(10000, 25000, n)
     ctf = {"defocus_u": du, "defocus_v": du - rng.uniform(0, 1000, n), "defocus_angle": rng.uniform(0, 180, n),
            "voltage": np.full(n, 300.0), "cs": np.full(n, 2.7), "amp_contrast": np.full(n, 0.1),
            "phase_shift": np.zeros(n)}
-    c = ctf_2d(ctf, np.arange(n), box, np.full(n, apix))
+    c = ctf_images(ctf, np.arange(n), box, np.full(n, apix))
     images = Projector(vol).project(quat, torch.tensor(sign * shift, dtype=torch.float32), c).numpy()
     images += rng.normal(0, np.sqrt(images.var(axis=(1, 2)).mean() / snr), images.shape).astype(np.float32)
     write_mrc(path, images, apix)
@@ -51,7 +52,7 @@ def make_particles(path, vol, apix, n, seed, snr=0.1, max_shift=3.0, half_set=No
 def rotate_by(q, deg, rng):
     axis = rng.normal(size=(len(q), 3))
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    return geometry.normalize(geometry.quat_mul(Rotation.from_rotvec(axis * np.radians(deg)).as_quat(scalar_first=True), q))
+    return rotations.normalize(rotations.quat_mul(Rotation.from_rotvec(axis * np.radians(deg)).as_quat(scalar_first=True), q))
 
 
 def errors_deg(res, truth, sym="C1"):
@@ -77,18 +78,18 @@ def asym(tmp_path_factory):
 
 def test_torch_rotation_helpers_match_geometry():
     rng = np.random.default_rng(0)
-    q = geometry.random_quats(50, rng)
-    assert np.allclose(_quat_to_matrix(torch.tensor(q)).numpy(), geometry.quat_to_matrix(q), atol=1e-12)
+    q = rotations.random_quats(50, rng)
+    assert np.allclose(rotations.quat_to_matrix_torch(torch.tensor(q)).numpy(), rotations.quat_to_matrix(q), atol=1e-12)
     v = rng.normal(size=(50, 3))
-    ref = geometry.normalize(Rotation.from_rotvec(v).as_quat(scalar_first=True))
-    assert np.allclose(geometry.normalize(_rotvec_to_quat(torch.tensor(v)).numpy()), ref, atol=1e-12)
+    ref = rotations.normalize(Rotation.from_rotvec(v).as_quat(scalar_first=True))
+    assert np.allclose(rotations.normalize(rotations.rotvec_to_quat_torch(torch.tensor(v)).numpy()), ref, atol=1e-12)
     # the local search perturbs as dq ⊗ q (image frame): dq about z by -a is psi + a, as psi_rotation_quats says
-    ang = geometry.quat_to_relion_euler(q)
-    dq = _rotvec_to_quat(torch.tensor([[0.0, 0.0, -np.radians(30.0)]], dtype=torch.float64)).numpy()
-    moved = geometry.quat_mul(dq, q)
-    expected = geometry.relion_euler_to_quat(ang[:, 0], ang[:, 1], ang[:, 2] + 30.0)
-    assert np.degrees(geometry.geodesic(moved, expected)).max() < 1e-6
-    assert np.allclose(dq, geometry.psi_rotation_quats([30.0]), atol=1e-12)
+    ang = rotations.quat_to_relion_euler(q)
+    dq = rotations.rotvec_to_quat_torch(torch.tensor([[0.0, 0.0, -np.radians(30.0)]], dtype=torch.float64)).numpy()
+    moved = rotations.quat_mul(dq, q)
+    expected = rotations.relion_euler_to_quat(ang[:, 0], ang[:, 1], ang[:, 2] + 30.0)
+    assert np.degrees(rotations.geodesic(moved, expected)).max() < 1e-6
+    assert np.allclose(dq, rotations.psi_rotation_quats([30.0]), atol=1e-12)
 
 
 @pytest.mark.parametrize("sym", ["C1", "D2"])
@@ -96,7 +97,7 @@ def test_global_grid_covers_rotation_space(sym):
     grid = symmetry.so3_grid(12.5, sym)
     g = symmetry.group_quats(sym)
     assert symmetry.in_asu(grid, sym).all()
-    probe = geometry.random_quats(300, np.random.default_rng(1))
+    probe = rotations.random_quats(300, np.random.default_rng(1))
     # the symmetry-aware distance of any rotation to its nearest grid point stays below one grid step
     d = [np.degrees(symmetry.symmetric_geodesic(p[None], grid, g).min()) for p in probe]
     assert np.max(d) < 12.5, np.max(d)
@@ -128,7 +129,7 @@ def test_convention_errors_are_detected(asym, tmp_path):
     vol, apix = asym["vol"], asym["apix"]
     kw = {"reference_pixel_size": apix, "global_search": "none", "start_error_deg": np.full(32, 5.0), "progress": False}
     good = refine(starts(ps, ps.quat), vol, **kw)
-    transposed = refine(starts(ps, geometry.quat_conj(ps.quat)), vol, **kw)
+    transposed = refine(starts(ps, rotations.quat_conj(ps.quat)), vol, **kw)
     assert np.median(errors_deg(good, ps)) < 1.5
     assert np.mean(errors_deg(transposed, ps) < 5) < 0.2
     assert np.mean(transposed.score < good.score) > 0.9
@@ -142,7 +143,7 @@ def test_convention_errors_are_detected(asym, tmp_path):
 
 def test_global_search_from_random_starts(asym):
     ps = asym["ps"].subset(np.arange(40))
-    start = starts(ps, geometry.random_quats(40, np.random.default_rng(3)))
+    start = starts(ps, rotations.random_quats(40, np.random.default_rng(3)))
     res = refine(start, asym["vol"], reference_pixel_size=asym["apix"], global_search="all", progress=False)
     err = errors_deg(res, ps)
     assert res.global_searched.all()
@@ -161,7 +162,7 @@ def test_auto_mode_sends_unknown_and_uncertain_particles_to_the_global_search(as
     uncertain[3:5] = True
     hint = np.full(12, 5.0)
     hint[5] = 90.0  # a hint past MAX_RADIUS_DEG
-    quat[9:] = geometry.random_quats(3, np.random.default_rng(4))  # wrong starts that claim to be good
+    quat[9:] = rotations.random_quats(3, np.random.default_rng(4))  # wrong starts that claim to be good
     res = refine(starts(ps, quat), asym["vol"], reference_pixel_size=asym["apix"], uncertain=uncertain,
                  start_error_deg=hint, progress=False)
     # the wrong starts end with a low confidence locally and fall back to the global search (unless the local
@@ -181,7 +182,7 @@ def test_symmetric_map_d2(tmp_path):
     vol, apix = resized_map(BETAGAL_MAP, 48)
     vol = vol.numpy()
     ps = make_particles(tmp_path / "d2.mrcs", vol, apix, 24, seed=4, snr=0.3, max_shift=2.0)
-    start = starts(ps, geometry.random_quats(24, np.random.default_rng(5)))
+    start = starts(ps, rotations.random_quats(24, np.random.default_rng(5)))
     res = refine(start, vol, reference_pixel_size=apix, sym="D2", global_search="all", progress=False)
     err = errors_deg(res, ps, "D2")
     assert np.mean(err < 5) >= 0.8, np.sort(err)
@@ -228,7 +229,7 @@ def test_reference_resampling_and_incompatible_references(asym):
     start = starts(ps, rotate_by(ps.quat, 5.0, np.random.default_rng(8)))
     base = refine(start, vol, reference_pixel_size=apix, **kw)
     # the same map at half the pixel size on a 128 px grid: resampled to the particles' grid
-    fine = resize_volume(torch.tensor(vol), 128).numpy()
+    fine = resample(torch.tensor(vol), 128, 3).numpy()
     res = refine(start, fine, reference_pixel_size=apix / 2, **kw)
     assert np.median(errors_deg(res, ps)) < 1.5
     assert np.max(np.abs(res.score - base.score)) < 0.02

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cryoforum_plugin.cli import main as cli
-from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution
 from cryoforum_plugin.formats.mrc import read_map
-from cryoforum_plugin.formats.particles import read_star
+from cryoforum_plugin.formats.star import read_star
 from cryoforum_plugin.physics.projector import Projector
 from cryoforum_plugin.physics.reconstruct import reconstruct
 
@@ -33,7 +33,7 @@ def test_projection_matches_relion_project(relion_set, with_ctf):
     ps = read_star(relion_set["dir"] / f"{name}.star")
     ref = mrcfile.read(relion_set["dir"] / f"{name}.mrcs")
     apix, box = relion_set["pixel_size"], relion_set["box"]
-    ctf = ctf_2d(ps.ctf, np.arange(len(ps)), box, apix) if with_ctf else None
+    ctf = ctf_images(ps.ctf, np.arange(len(ps)), box, apix) if with_ctf else None
     ours = Projector(relion_set["map"]).project(ps.quat, torch.tensor(ps.shift_A / apix), ctf).numpy()
     cc = _corr(ours, ref)
     assert cc.min() >= 0.99, f"min correlation {cc.min():.4f}"
@@ -99,7 +99,7 @@ def test_star_converted_from_cs_gives_relion_the_same_map(relion_set, tmp_path):
 @pytest.mark.parametrize("sym", ["D2"])
 def test_symmetrised_reconstruction_agrees_with_relion(sym, relion, tmp_path):
     from cryoforum_plugin.data import BETAGAL_MAP
-    from cryoforum_plugin.sim.dataset import resized_map
+    from cryoforum_plugin.physics.resample import resized_map
 
     vol, apix = resized_map(BETAGAL_MAP, 32)
     from cryoforum_plugin.formats.mrc import write_mrc

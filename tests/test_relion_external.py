@@ -57,7 +57,7 @@ def test_pipeliner_runs_the_external_job_and_registers_nodes(relion_set, tmp_pat
         assert nodes.get(f"External/job002/{name}") == kind, name
     # the External job's 3D reference refined the network's poses (and found the shifts) on RELION's particles
     from cryoforum_plugin.infer.metrics import geodesic_errors
-    from cryoforum_plugin.formats.particles import read_star
+    from cryoforum_plugin.formats.star import read_star
 
     refined, predicted = read_star(job / "refined.star"), read_star(job / "predicted.star")
     refined_err = np.degrees(geodesic_errors(refined.quat, relion_set["quat"]))

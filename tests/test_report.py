@@ -14,7 +14,7 @@ from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.formats.mrc import write_mrc
 from cryoforum_plugin.pipeline.report import FIGURE_TEXT
-from cryoforum_plugin.sim.dataset import resized_map
+from cryoforum_plugin.physics.resample import resized_map
 
 
 def _chromium():

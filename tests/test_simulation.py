@@ -6,18 +6,19 @@ import mrcfile
 import numpy as np
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.cli import main as cli
 from cryoforum_plugin.data import BETAGAL_MAP, DEFAULT_MAP
-from cryoforum_plugin.formats.particles import read_cs, read_star
+from cryoforum_plugin.formats.cs import read_cs
+from cryoforum_plugin.formats.star import read_star
 
 
 def test_outputs_agree_and_snr_and_junk_are_as_asked(tmp_path):
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(tmp_path / "s"), "--n", "200", "--box", "32", "--snr",
                 "0.5", "--max-shift", "6", "--junk-fraction", "0.3", "--seed", "1"]) == 0
     star, cs = read_star(tmp_path / "s" / "particles.star"), read_cs(tmp_path / "s" / "particles.cs")
-    assert geometry.geodesic(star.quat, cs.quat).max() < 1e-5 and np.allclose(star.shift_A, cs.shift_A, atol=1e-4)
+    assert rotations.geodesic(star.quat, cs.quat).max() < 1e-5 and np.allclose(star.shift_A, cs.shift_A, atol=1e-4)
     assert np.abs(star.shift_A).max() <= 6.0 and (star.uid == cs.uid).all()
     truth = starfile.read(tmp_path / "s" / "truth.star")["particles"]
     junk = truth["rlnCryoforumJunk"].to_numpy()
@@ -35,7 +36,7 @@ def test_given_angles_and_ctf_are_used(tmp_path):
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(tmp_path / "b"), "--box", "32", "--snr", "0",
                 "--angles", str(tmp_path / "a" / "particles.star"), "--seed", "3"]) == 0
     a, b = read_star(tmp_path / "a" / "particles.star"), read_star(tmp_path / "b" / "particles.star")
-    assert len(b) == 50 and geometry.geodesic(a.quat, b.quat).max() < 1e-5
+    assert len(b) == 50 and rotations.geodesic(a.quat, b.quat).max() < 1e-5
     assert np.allclose(a.shift_A, b.shift_A, atol=1e-5) and np.allclose(a.ctf["defocus_u"], b.ctf["defocus_u"])
     assert cli(["simulate", str(DEFAULT_MAP), "--out", str(tmp_path / "c"), "--n", "40", "--box", "32",
                 "--ctf-from", str(tmp_path / "a" / "particles.cs"), "--seed", "4"]) == 0

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.errors import CryoforumError
 
@@ -35,14 +35,14 @@ def test_groups_equal_relions(relion, name):
 def test_symmetric_distance_is_invariant_and_reduction_canonical(name):
     rng = np.random.default_rng(0)
     group = symmetry.group_quats(name)
-    p, q = geometry.random_quats(200, rng), geometry.random_quats(200, rng)
+    p, q = rotations.random_quats(200, rng), rotations.random_quats(200, rng)
     g = group[rng.integers(0, len(group), 200)]
-    q_mate = geometry.quat_mul(q, g)
+    q_mate = rotations.quat_mul(q, g)
     d1 = symmetry.symmetric_geodesic(p, q, group)
     assert np.allclose(d1, symmetry.symmetric_geodesic(p, q_mate, group), atol=1e-6)
-    assert np.all(d1 <= geometry.geodesic(p, q) + 1e-9)
+    assert np.all(d1 <= rotations.geodesic(p, q) + 1e-9)
     r1, r2 = symmetry.reduce_to_asu(q, name), symmetry.reduce_to_asu(q_mate, name)
-    assert np.allclose(geometry.geodesic(r1, r2), 0, atol=1e-5)  # same class -> same representative
+    assert np.allclose(rotations.geodesic(r1, r2), 0, atol=1e-5)  # same class -> same representative
     assert np.allclose(symmetry.symmetric_geodesic(r1, q, group), 0, atol=1e-5)  # still the same class
     assert symmetry.in_asu(r1, name).all()
 
@@ -51,9 +51,9 @@ def test_symmetric_distance_is_invariant_and_reduction_canonical(name):
 def test_cyclic_and_dihedral_asu_are_relions_ranges(n):
     """Cn: rot in [-180/n, 180/n]; Dn: additionally tilt <= 90 (up to a 0.1 degree boundary band)."""
     rng = np.random.default_rng(n)
-    q = geometry.random_quats(2000, rng)
+    q = rotations.random_quats(2000, rng)
     for name in (f"C{n}", f"D{n}"):
-        ang = geometry.quat_to_relion_euler(symmetry.reduce_to_asu(q, name))
+        ang = rotations.quat_to_relion_euler(symmetry.reduce_to_asu(q, name))
         assert np.all(np.abs(ang[:, 0]) <= 180 / n + 0.1)
         if name[0] == "D":
             assert np.all(ang[:, 1] <= 90 + 0.1)

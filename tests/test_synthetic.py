@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.data import DEFAULT_MAP
-from cryoforum_plugin.physics.fourier import as_tensor, resize_volume
+from cryoforum_plugin.physics.fourier import as_tensor
+from cryoforum_plugin.physics.resample import resample
 from cryoforum_plugin.formats.mrc import read_map
 from cryoforum_plugin.physics.noise import NoiseModel, estimate_noise_spectrum, lorentzian_with_bump, relative_spectrum
 from cryoforum_plugin.formats.particles import ParticleSet
@@ -21,7 +22,7 @@ BOX = 32
 @pytest.fixture(scope="module")
 def setup():
     raw, apix64 = read_map(DEFAULT_MAP)
-    vol = resize_volume(as_tensor(raw), BOX)
+    vol = resample(as_tensor(raw), BOX, 3)
     apix = apix64 * raw.shape[0] / BOX
     rng = np.random.default_rng(3)
     m = 40
@@ -81,10 +82,10 @@ def test_images_follow_the_projector_pose_convention_and_the_ctf_pool(setup):
     proj = Projector(setup["vol"])
 
     def ref(q, rows):
-        return proj.project(q, as_tensor(p["shift_A"] / setup["apix"]), ctf_2d(pool, rows, BOX, setup["apix"]))
+        return proj.project(q, as_tensor(p["shift_A"] / setup["apix"]), ctf_images(pool, rows, BOX, setup["apix"]))
 
     right = correlation(img, ref(quats.double().numpy(), p["ctf_rows"]))
-    transposed = correlation(img, ref(geometry.quat_conj(quats.double().numpy()), p["ctf_rows"]))
+    transposed = correlation(img, ref(rotations.quat_conj(quats.double().numpy()), p["ctf_rows"]))
     wrong_ctf = correlation(img, ref(quats.double().numpy(), 1 - p["ctf_rows"]))
     assert np.median(right) > 0.9, np.median(right)
     assert np.median(transposed) < np.median(right) - 0.3
@@ -103,11 +104,11 @@ def test_deterministic_with_a_seeded_generator_and_log_uniform_snr(setup):
     assert snr.min() >= 0.01 and snr.max() <= 1.0
     assert abs(np.median(np.log10(snr)) + 1) < 0.2  # log-uniform: median at the geometric mean 0.1
     # a pool of orientations is sampled from; quats are unit (w, x, y, z)
-    pool_q = geometry.random_quats(5, np.random.default_rng(0))
+    pool_q = rotations.random_quats(5, np.random.default_rng(0))
     s = MapParticleSimulator(setup["vol"], setup["apix"], orientations=pool_q, snr=1.0)
     _, q = s.batch(20, torch.Generator().manual_seed(0))
     assert np.allclose(np.linalg.norm(q.numpy(), axis=1), 1, atol=1e-5)
-    assert (geometry.geodesic(q.double().numpy()[:, None], pool_q[None]).min(1) < 1e-3).all()
+    assert (rotations.geodesic(q.double().numpy()[:, None], pool_q[None]).min(1) < 1e-3).all()
 
 
 def test_snr_schedule_and_validation(setup):

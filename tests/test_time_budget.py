@@ -9,7 +9,8 @@ import torch
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.train.trainer import PRETRAIN_SHARE, TrainConfig, Trainer, plan_budget, plan_pretrain_steps
+from cryoforum_plugin.train.pretrain import PRETRAIN_SHARE, plan_budget, plan_pretrain_steps
+from cryoforum_plugin.train.trainer import TrainConfig, Trainer
 
 
 def test_real_epochs_that_do_not_fit_are_cut_and_the_pretraining_keeps_its_share():

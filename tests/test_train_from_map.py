@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.infer.metrics import geodesic_errors
 from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.infer.predict import predict
 from cryoforum_plugin.nn.preprocess import Preprocess, phase_flipped
 from cryoforum_plugin.progress import Events
-from cryoforum_plugin.train.trainer import RECONSTRUCTION, TrainConfig, Trainer, curriculum, symmetric_chordal
+from cryoforum_plugin.train.losses import curriculum, symmetric_chordal
+from cryoforum_plugin.train.pretrain import RECONSTRUCTION
+from cryoforum_plugin.train.trainer import TrainConfig, Trainer
 
 BOX = 32
 SMALL = dict(box=BOX, width=0.125, batch=32, lr=3e-3, head="quat", loss="single", dropout=0.0, l2=0.0,
@@ -115,10 +117,10 @@ def test_levers():
     assert curriculum("siamese", 0.0) == (0.0, 1.0) and curriculum("siamese", 0.0, 0.2) == (0.2, 1.0)
     assert curriculum("siamese", 1.0, 0.2) == (0.5, 0.0) and curriculum("siamese_noreg", 0.0, 0.2)[0] == 0.0
     rng = np.random.default_rng(0)
-    p, q = (torch.as_tensor(geometry.random_quats(50, rng), dtype=torch.float32) for _ in range(2))
+    p, q = (torch.as_tensor(rotations.random_quats(50, rng), dtype=torch.float32) for _ in range(2))
     ident = torch.tensor([[1.0, 0, 0, 0]])
     c = symmetric_chordal(p, q, ident)
-    theta = geometry.geodesic(p, q)
+    theta = rotations.geodesic(p, q)
     assert torch.allclose(c, 2 - 2 * torch.cos(theta / 2), atol=1e-5)
     assert torch.allclose(symmetric_chordal(p, -q, ident), c)  # q and -q: the same rotation
     # the phase-flipped channel: flipping twice is the identity; the module needs it when built with it
@@ -145,7 +147,7 @@ def test_config_round_trip_keeps_the_new_options(tmp_path):
 
 
 def test_time_budget_plan_accounts_for_every_cost():
-    from cryoforum_plugin.train.trainer import plan_pretrain_steps
+    from cryoforum_plugin.train.pretrain import plan_pretrain_steps
 
     # 600 s budget, 100 s spent, real epochs 50 steps + 2 validations; per pre-training step 1 s + 4 s / 10 steps
     n = plan_pretrain_steps(600, 100, 1.0, 4.0, 20, 10, 50, 2)

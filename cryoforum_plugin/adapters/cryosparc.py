@@ -1,4 +1,4 @@
-"""cryoSPARC External job adapter (cryosparc-tools 5.0): cryoSPARC's job contract in, ``jobs`` calls, contract out.
+"""cryoSPARC External job adapter (cryosparc-tools 5.0): cryoSPARC's job contract in, ``pipeline`` calls, contract out.
 
 Outputs of the External job: ``predicted`` (every particle, alignments3D pose/shift filled, passthrough of the
 input's slots), ``refined`` (when it refined: the poses and shifts refined against the ``--reference`` volume, or against
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import options as pipeline_options
+from cryoforum_plugin.pipeline import steps
+from cryoforum_plugin.pipeline import job as pipeline_job
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.formats.particles import from_dataset, to_dataset, uncertainty_dataset
+from cryoforum_plugin.formats.cs import from_dataset, to_dataset, uncertainty_dataset
 from cryoforum_plugin.progress import Events
 
 TRAIN_SLOTS = ["blob", "ctf", "alignments3D"]
@@ -168,7 +170,7 @@ def _alignments(out, ps):
     return out
 
 
-def _reference(job, project_dir: str) -> jobs.Reference:
+def _reference(job, project_dir: str) -> steps.Reference:
     """The connected volume: its half-maps when the output has them (gold standard), else its map."""
     ds = job.load_input("reference")
     fields = set(ds.fields())
@@ -179,14 +181,14 @@ def _reference(job, project_dir: str) -> jobs.Reference:
         return str(Path(project_dir) / value.lstrip(">"))
 
     if {"map_half_A/path", "map_half_B/path"} <= fields:
-        return jobs.Reference.from_files(half_maps=[path("map_half_A"), path("map_half_B")])
-    return jobs.Reference.from_files(path("map"))
+        return steps.Reference.from_files(half_maps=[path("map_half_A"), path("map_half_B")])
+    return steps.Reference.from_files(path("map"))
 
 
 def job_options(args):
-    """The pipeline options (``jobs.options``) of a parsed ``cryoforum cryosparc`` command line: the options the
-    user gave, None for training options not given (``--preset`` fills them)."""
-    return jobs.options_from(args)
+    """The pipeline options (``pipeline_options.options``) of a parsed ``cryoforum cryosparc`` command line: the
+    options the user gave, None for training options not given (``--preset`` fills them)."""
+    return pipeline_options.options_from(args)
 
 
 def _work(job, project, args, target) -> dict:
@@ -206,8 +208,8 @@ def _work(job, project, args, target) -> dict:
     model_dir = Path(args.model) if args.model else job_dir / "model"
     opts.refine = bool(args.refine)
     reference = _reference(job, project_dir) if (args.reference and args.refine) else None
-    result = jobs.pipeline(opts, train_set=train_set, predict_set=predict_set, model_dir=model_dir,
-                           reference=reference, events=events)
+    result = pipeline_job.pipeline(opts, train_set=train_set, predict_set=predict_set, model_dir=model_dir,
+                                   reference=reference, events=events)
     ps, keep = result.final, result.selection.keep
     # everything is computed, then uploaded, then saved: a failure before the saves leaves the job without outputs
     outputs = {"predicted": _alignments(job.alloc_output("predicted", pred_ds), result.predicted)}

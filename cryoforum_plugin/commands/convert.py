@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cryoforum_plugin import manifest
-from cryoforum_plugin.formats.particles import read_particles, write_particles
+from cryoforum_plugin.formats.files import read_particles, write_particles
 
 
 def add_args(parser):

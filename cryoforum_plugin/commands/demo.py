@@ -1,5 +1,5 @@
 """``cryoforum demo --out DIR``: simulate a particle set from the embedded map, run the job a user runs on it
-(``jobs.pipeline`` with the product's defaults, the outputs of ``cryoforum run`` and the RELION External job),
+(``pipeline_job.pipeline`` with the product's defaults, the outputs of ``cryoforum run`` and the RELION External job),
 then report against the true poses on the model's held-out test particles."""
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 from cryoforum_plugin import __version__
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import options as pipeline_options
+from cryoforum_plugin.pipeline import job as pipeline_job
+from cryoforum_plugin.pipeline import evaluation
 from cryoforum_plugin import manifest
 from cryoforum_plugin.formats.atomic import write_text
 from cryoforum_plugin.data import DEFAULT_MAP
 from cryoforum_plugin.runtime import resolve_device, set_threads
 
-# The data each demo size simulates. ``options`` are the only job options the demo changes from the defaults a
-# RELION / cryoSPARC / ``cryoforum run`` user gets; only the one-minute smoke test changes any.
-DATA = {
+# The data each demo size (the demo's --preset: tiny / cpu / gpu) simulates. ``options`` are the only job options
+# the demo changes from the defaults a RELION / cryoSPARC / ``cryoforum run`` user gets (the training presets,
+# train.config.PRESETS, then fill the rest as in any job); only the one-minute smoke test changes any.
+DEMO_DATA = {
     "tiny": dict(n=600, box=32, snr=1.0, max_shift=4.0, junk=0.1,
                  options=dict(box=32, pretrain_steps=200, time_budget=0.0, epochs=3, global_search="all")),
     "cpu": dict(n=4000, box=64, snr=0.1, max_shift=4.0, junk=0.1, options={}),
@@ -32,15 +35,16 @@ def add_args(parser):
 
 
 def main(args):
-    from cryoforum_plugin.formats.particles import read_particles
-    from cryoforum_plugin.sim.dataset import resized_map, simulate
+    from cryoforum_plugin.formats.files import read_particles
+    from cryoforum_plugin.physics.resample import resized_map
+    from cryoforum_plugin.sim.dataset import simulate
 
     set_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    d = DATA[args.preset]
-    opts = jobs.options(**d["options"], device=str(device), threads=args.threads)
+    d = DEMO_DATA[args.preset]
+    opts = pipeline_options.options(**d["options"], device=str(device), threads=args.threads)
     import torch
 
     log = {"cryoforum": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -70,8 +74,8 @@ def main(args):
     model = job / "model"
 
     def run_job():
-        result = jobs.pipeline(opts, train_set=ps, predict_set=ps, model_dir=model)
-        jobs.write_outputs(result, job, particles, opts, fmt="star")
+        result = pipeline_job.pipeline(opts, train_set=ps, predict_set=ps, model_dir=model)
+        pipeline_job.write_outputs(result, job, particles, opts, fmt="star")
         return result
 
     result = step("job", run_job)
@@ -79,11 +83,11 @@ def main(args):
     from cryoforum_plugin.formats.mrc import write_mrc
 
     write_mrc(out / "true_map.mrc", vol.numpy(), apix)
-    summary = step("report", lambda: jobs.report(read_particles(job / "predicted.star"),
-                                                  read_particles(sim / "truth.star"), out / "report",
-                                                  refined=read_particles(job / "refined.star"),
-                                                  true_map=out / "true_map.mrc", model_dir=model, split="test",
-                                                  statistic=opts.statistic, drop=opts.drop, device=device))
+    summary = step("report", lambda: evaluation.report(read_particles(job / "predicted.star"),
+                                                       read_particles(sim / "truth.star"), out / "report",
+                                                       refined=read_particles(job / "refined.star"),
+                                                       true_map=out / "true_map.mrc", model_dir=model, split="test",
+                                                       statistic=opts.statistic, drop=opts.drop, device=device))
     log["summary"] = summary["headline"]
     log["reconstructions"] = summary.get("reconstructions")
     log["selection"] = result.selection.summary

@@ -9,7 +9,7 @@ from cryoforum_plugin.formats.atomic import write_text
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.infer.metrics import geodesic_errors, match_rows, summarize
 from cryoforum_plugin.train.model_dir import ModelDir
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 
 
 def add_args(parser):

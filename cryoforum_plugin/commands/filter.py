@@ -1,8 +1,8 @@
 """``cryoforum filter PREDICTED --out DIR``: confident and rejected subsets of the original particles."""
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import steps
 from cryoforum_plugin import manifest
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 
 
 def add_args(parser):
@@ -11,8 +11,8 @@ def add_args(parser):
 
 def main(args):
     ps = read_particles(args.predicted, project_dir=args.project_dir)
-    selection = jobs.select(ps, statistic=args.statistic, drop=args.drop, threshold=args.threshold,
-                            target_error=args.target_error, model_dir=args.model, uncertainty=args.uncertainty)
-    written = jobs.write_selection(ps, selection, args.out, args.predicted, args.format, project_dir=args.project_dir)
+    selection = steps.select(ps, statistic=args.statistic, drop=args.drop, threshold=args.threshold,
+                             target_error=args.target_error, model_dir=args.model, uncertainty=args.uncertainty)
+    written = steps.write_selection(ps, selection, args.out, args.predicted, args.format, project_dir=args.project_dir)
     print(f"kept {selection.kept} / {len(ps)} particles ({selection.summary['mode']}, {args.statistic}) "
           f"-> {', '.join(written)}")

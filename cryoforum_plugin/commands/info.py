@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin import manifest
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 
 
 def add_args(parser):
@@ -25,7 +25,7 @@ def summarize(ps) -> dict:
     if ps.file_format == "star":
         info["star_version"] = ps.star_version
     if ps.has_poses.any():
-        d = geometry.viewing_direction(ps.quat[ps.has_poses])
+        d = rotations.viewing_direction(ps.quat[ps.has_poses])
         tilt = np.degrees(np.arccos(np.clip(d[:, 2], -1, 1)))
         # uniform directions have cos(tilt) uniform: compare the histogram with that expectation
         hist, _ = np.histogram(d[:, 2], bins=10, range=(-1, 1))

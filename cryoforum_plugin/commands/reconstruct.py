@@ -10,7 +10,8 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution
 from cryoforum_plugin.formats.mrc import write_mrc
 from cryoforum_plugin.formats.cs import attach_uncertainty_sidecar, uncertainty_sidecar_path
-from cryoforum_plugin.formats.particles import FOM_COLUMN, FOM_CS, UNCERTAINTY_CS, UNCERTAINTY_STAR, read_particles
+from cryoforum_plugin.formats.columns import FOM_COLUMN, FOM_CS, UNCERTAINTY_CS, UNCERTAINTY_STAR
+from cryoforum_plugin.formats.files import read_particles
 from cryoforum_plugin.physics.reconstruct import reconstruct
 from cryoforum_plugin.runtime import resolve_device
 

@@ -1,5 +1,6 @@
 """``cryoforum run --train P [--predict P2] [--reference MAP | --half-maps H1 H2] --out DIR``: the whole job
-(train, predict, refine, select, reconstruct) through ``jobs.pipeline``, with the RELION External job's outputs."""
+(train, predict, refine, select, reconstruct) through ``pipeline_job.pipeline``, with the RELION External job's
+outputs."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import time
 from pathlib import Path
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import options as pipeline_options
+from cryoforum_plugin.pipeline import steps
+from cryoforum_plugin.pipeline import job as pipeline_job
 from cryoforum_plugin import manifest
 from cryoforum_plugin.formats.atomic import write_text
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 
 
 def add_args(parser):
@@ -21,7 +24,7 @@ def add_args(parser):
 
 def job_options(args) -> argparse.Namespace:
     """The pipeline options of a parsed ``run`` (or ``demo``) command line: every engine option as given."""
-    return jobs.options_from(args, refine=bool(args.refine), resume=bool(getattr(args, "resume", False)))
+    return pipeline_options.options_from(args, refine=bool(args.refine), resume=bool(getattr(args, "resume", False)))
 
 
 def main(args):
@@ -42,15 +45,15 @@ def main(args):
     if not predict_path:
         raise CryoforumError("nothing to predict.", fix="give --predict PARTICLES.")
     predict_set = read_particles(predict_path, project_dir=args.project_dir) if args.predict else train_set
-    reference = (jobs.Reference.from_files(args.reference, args.half_maps)
+    reference = (steps.Reference.from_files(args.reference, args.half_maps)
                  if opts.refine and (args.reference or args.half_maps) else None)
     model_dir = Path(args.model) if args.model else out / "model"
-    result = jobs.pipeline(opts, train_set=train_set, predict_set=predict_set, model_dir=model_dir,
-                           reference=reference)
+    result = pipeline_job.pipeline(opts, train_set=train_set, predict_set=predict_set, model_dir=model_dir,
+                                   reference=reference)
     if result is None:  # a non-zero rank of a torchrun job
         return 0
-    nodes = jobs.write_outputs(result, out, predict_path, opts, fmt=args.format, reconstruct_map=args.reconstruct,
-                               project_dir=args.project_dir)
+    nodes = pipeline_job.write_outputs(result, out, predict_path, opts, fmt=args.format,
+                                       reconstruct_map=args.reconstruct, project_dir=args.project_dir)
     summary = {"train": args.train, "predict": predict_path, "model": str(model_dir),
                "reference": result.reference.source if result.reference else None,
                "selection": result.selection.summary, "seconds": round(time.time() - start, 1),

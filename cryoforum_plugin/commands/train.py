@@ -1,9 +1,9 @@
 """``cryoforum train --particles FILE --out MODEL_DIR``."""
 
-from cryoforum_plugin.pipeline import job as jobs
+from cryoforum_plugin.pipeline import steps
 from cryoforum_plugin import manifest
 from cryoforum_plugin.runtime import set_threads
-from cryoforum_plugin.formats.particles import read_particles
+from cryoforum_plugin.formats.files import read_particles
 from cryoforum_plugin.train.config import TrainConfig
 
 
@@ -14,5 +14,5 @@ def add_args(parser):
 def main(args):
     set_threads(args.threads)
     ps = read_particles(args.particles, project_dir=args.project_dir)
-    jobs.train(ps, args.out, TrainConfig.from_args(args), device=args.device, resume=args.resume,
-               workers=args.workers, cache_gb=args.cache_gb)
+    steps.train(ps, args.out, TrainConfig.from_args(args), device=args.device, resume=args.resume,
+                workers=args.workers, cache_gb=args.cache_gb)

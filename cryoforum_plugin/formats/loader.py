@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import StackReader
 from cryoforum_plugin.formats.particles import ParticleSet, apply_image_sign
@@ -106,7 +106,7 @@ def split_rows(n: int, val_fraction: float, test_fraction: float, seed: int, qua
     × 2 tilt bands) is split in the same proportions, so every split covers the sphere."""
     rng = np.random.default_rng(seed)
     if stratify and quat is not None:
-        d = geometry.viewing_direction(quat)
+        d = rotations.viewing_direction(quat)
         bins = (d[:, 0] > 0) * 1 + (d[:, 1] > 0) * 2 + (d[:, 2] > 0) * 4 + (np.abs(d[:, 2]) > 0.5) * 8
         groups = [rng.permutation(np.nonzero(bins == b)[0]) for b in np.unique(bins)]
     else:

@@ -1,16 +1,17 @@
-"""One description of a particle set, shared by every adapter and the engine; dispatch of its I/O by extension.
+"""One description of a particle set, shared by every adapter and the engine.
 
 A ``ParticleSet`` holds, per particle (N rows): the image by reference (absolute stack path and 0-based
-index), the pose as a quaternion (geometry.py convention, NaN rows where unknown), the shift in Å
+index), the pose as a quaternion (rotations.py convention, NaN rows where unknown), the shift in Å
 (RELION's origin sign), CTF parameters, pixel size and box, optics group, half-set and uid; the typed
 per-particle results of cryo-forum (uncertainty, figure of merit, junk label, the input's pose, the network's
 pose) and every other numeric per-particle column (``numeric``), all filled by both readers; plus the original
 table (``source``: STAR data blocks or cryoSPARC Dataset), read only by the I/O modules, so that every column the
 user had goes back out. One half-set assignment serves every step: ``ParticleSet.with_half_sets``.
 
-The readers and writers live in ``star_io.py`` (RELION STAR) and ``cs_io.py`` (cryoSPARC .cs); their public
-names are re-exported here (``read_star``, ``write_star``, ``read_cs``, ``write_cs``, ``from_dataset``,
-``to_dataset``, ``CS_*_FIELDS``, ...), imported lazily so that the I/O modules can import this one.
+columns.py names every field in both formats (the column registry); the typed fields are converted to and from a
+file's columns here (``typed_columns``, ``typed_from_columns``), for both readers and for ``extra``. The readers and
+writers live in star.py (RELION STAR) and cs.py (cryoSPARC .cs), which import this module; files.py dispatches by
+extension.
 """
 
 from __future__ import annotations
@@ -23,64 +24,53 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import stack_shape
-from cryoforum_plugin.formats.columns import FOM_COLUMN, STAR_COLUMNS
+from cryoforum_plugin.formats.columns import COLUMN, OWN_COLUMNS, TYPED_COLUMNS, TYPED_FIELDS
 
-CTF_FIELDS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift")
-"""CTF parameters: defocus U/V (Å), astigmatism angle (deg), voltage (kV), Cs (mm), amplitude contrast,
-phase shift (deg)."""
-
-STAR_CTF = {"defocus_u": "rlnDefocusU", "defocus_v": "rlnDefocusV", "defocus_angle": "rlnDefocusAngle",
-            "voltage": "rlnVoltage", "cs": "rlnSphericalAberration", "amp_contrast": "rlnAmplitudeContrast",
-            "phase_shift": "rlnPhaseShift"}
-ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-PRIOR_ANGLE_COLUMNS = ("rlnCryoforumPriorAngleRot", "rlnCryoforumPriorAngleTilt", "rlnCryoforumPriorAnglePsi")
-"""The input's poses (e.g. the consensus refinement's), as the set had them before cryo-forum predicted or refined."""
-PREDICTED_ANGLE_COLUMNS = ("rlnCryoforumPredictedAngleRot", "rlnCryoforumPredictedAngleTilt",
-                           "rlnCryoforumPredictedAnglePsi")
-"""The network's predicted poses (kept when the refinement or a later RELION job replaces rlnAngle*)."""
-UID_COLUMN = "rlnCryoforumUid"
-JUNK_COLUMN = "rlnCryoforumJunk"
-"""Per-particle junk label of simulated truth files: 0 = a real particle, else simulation.JUNK_KINDS."""
-IMAGE_SIGN_STAR = "rlnCryoforumImageSign"
-IMAGE_SIGN_CS = "blob/sign"
-"""Per-particle contrast sign of the stored image (cryoSPARC's ``blob/sign``; RELION has no such column, so STAR
-files carry it as rlnCryoforumImageSign). +1: light particles on a dark background, the contrast of a
-positive-density map (image = +CTF * projection with ctf.py's RELION CTF): what RELION's Extract job writes (its
-"Invert contrast?" defaults to Yes) and what the engine works on. -1: the micrograph's own contrast, dark particles,
-as cryoSPARC's Extract job stores them (its particles carry blob/sign = -1). The engine reads ``sign x stored
-image`` (``ParticleSet.read_images``); docs/cryosparc.md has the sources."""
-
-# Typed per-particle fields and their names: STAR column(s) and cryoSPARC .cs field.
-UNCERTAINTY_STAR = dict(STAR_COLUMNS)  # {'max': rlnCryoforumMaxDispersion, 'trace': rlnCryoforumTraceDispersion}
-UNCERTAINTY_CS = {"max": "cryoforum/max_dispersion", "trace": "cryoforum/trace_dispersion"}
-FOM_CS = "cryoforum/fom"
-JUNK_CS = "cryoforum/junk"
-PRIOR_POSE_CS = "cryoforum/prior_pose"
-PREDICTED_POSE_CS = "cryoforum/predicted_pose"
-REFINE_STAR = {"score": "rlnCryoforumRefineScore", "confidence": "rlnCryoforumRefineConfidence"}
-REFINE_CS = {"score": "cryoforum/refine_score", "confidence": "cryoforum/refine_confidence"}
-"""Per-particle results of the refinement (held in ``numeric`` under both names; each writer takes its own)."""
-TYPED_STAR_COLUMNS = (*PRIOR_ANGLE_COLUMNS, *PREDICTED_ANGLE_COLUMNS, UNCERTAINTY_STAR["max"],
-                      UNCERTAINTY_STAR["trace"], FOM_COLUMN, JUNK_COLUMN, IMAGE_SIGN_STAR)
-"""STAR columns held by typed fields (never in ``numeric``), in the order writers append them."""
-CORE_STAR_COLUMNS = frozenset({"rlnImageName", *ANGLE_COLUMNS, "rlnOriginX", "rlnOriginY", "rlnOriginXAngst",
-                               "rlnOriginYAngst", *STAR_CTF.values(), "rlnOpticsGroup", "rlnRandomSubset",
-                               UID_COLUMN, "rlnImagePixelSize", "rlnImageSize", "rlnDetectorPixelSize",
-                               "rlnMagnification"})
-"""STAR columns the writers derive from the ParticleSet's own fields (never in ``numeric``)."""
+POSE_FIELDS = ("prior_quat", "predicted_quat")
+"""Typed fields that are poses: (N, 4) quaternions, stored as three Euler angles or one rotation vector."""
 
 
-def finite_rows(quat: np.ndarray, convert) -> np.ndarray:
-    """(N, 3) ``convert(quat[rows])`` for the rows with a complete pose, NaN for the others (RELION angles
-    or rotation vectors)."""
-    ok = np.isfinite(quat).all(axis=1)
-    out = np.full((len(quat), 3), np.nan)
+def finite_rows(values: np.ndarray, convert, width: int = 3) -> np.ndarray:
+    """(N, width) ``convert(values[rows])`` for the rows with no NaN, NaN for the others (quaternions to RELION
+    angles or rotation vectors, width 3; and back, width 4)."""
+    ok = np.isfinite(values).all(axis=1)
+    out = np.full((len(values), width), np.nan)
     if ok.any():
-        out[ok] = convert(quat[ok])
+        out[ok] = convert(values[ok])
     return out
+
+
+def file_poses(quat: np.ndarray, fmt: str) -> np.ndarray:
+    """(N, 3) poses as a file stores them, from (N, 4) quaternions: RELION (rot, tilt, psi) in degrees
+    (``fmt`` 'star') or cryoSPARC rotation vectors in radians ('cs'); NaN rows where the pose is unknown."""
+    return finite_rows(quat, rotations.quat_to_relion_euler if fmt == "star" else rotations.quat_to_cryosparc_pose)
+
+
+def _euler_to_quat(angles: np.ndarray) -> np.ndarray:
+    return rotations.relion_euler_to_quat(*angles.T)
+
+
+def quats_from_file(poses: np.ndarray, fmt: str) -> np.ndarray:
+    """(N, 4) quaternions from (N, 3) file poses (``file_poses``' inverse); NaN rows where a value is missing."""
+    return finite_rows(poses, _euler_to_quat if fmt == "star" else rotations.cryosparc_pose_to_quat, width=4)
+
+
+def field_value(ps, column):
+    """The ParticleSet's value of a registry column (columns.Column): its attribute, or one key of a dict-valued
+    attribute (None when the attribute is None)."""
+    value = getattr(ps, column.attr)
+    return value[column.key] if column.key and value is not None else value
+
+
+_TYPED_BY_NAME = {name: c for c in TYPED_COLUMNS if len(c.star) == 1 for name in (c.star[0], c.cs_name)}
+"""Names ``column()`` answers from a typed field before ``numeric``: STAR and .cs names of the scalar ones."""
+_OWN_BY_NAME = {**{c.star[0]: c for c in OWN_COLUMNS if c.attr in ("ctf", "half_set", "optics_group", "pixel_size")},
+                COLUMN["pixel_size"].cs_name: COLUMN["pixel_size"]}
+"""Names ``column()`` answers from the own fields after ``numeric``: STAR names of the CTF, half-set, optics group
+and pixel size, and blob/psize_A."""
 
 
 @dataclasses.dataclass
@@ -92,8 +82,9 @@ class ParticleSet:
     (before prediction and refinement; the consensus poses a model is trained on), ``predicted_quat`` (N, 4) the
     network's prediction (NaN rows where unknown). With ``quat`` (the current pose: predicted, then refined) these
     are three distinguishable pose sets. ``image_sign`` (N,) the contrast sign of the stored images
-    (IMAGE_SIGN_CS; None: all +1, RELION's convention); ``read_images`` applies it. ``numeric``: every other numeric per-particle column, keyed by its
-    STAR name (STAR input) or cryoSPARC field name (.cs input); ``column()`` looks any of them up by name.
+    (columns.IMAGE_SIGN_CS; None: all +1, RELION's convention); ``read_images`` applies it. ``numeric``: every
+    other numeric per-particle column, keyed by its STAR name (STAR input) or cryoSPARC field name (.cs input);
+    ``column()`` looks any of them up by name. columns.COLUMNS names every field in both formats.
     ``extra``: STAR column name -> (N,) values added on output; names of typed fields given there set the
     typed field (the typed field is then what gets written).
     """
@@ -108,7 +99,7 @@ class ParticleSet:
     optics_group: np.ndarray  # (N,) int64, 1-based
     half_set: np.ndarray  # (N,) int64, 1 or 2, 0 when unassigned
     uid: np.ndarray  # (N,) uint64
-    source: dict = dataclasses.field(default_factory=dict)  # original tables, for star_io / cs_io only
+    source: dict = dataclasses.field(default_factory=dict)  # original tables, for star.py / cs.py only
     path: Path | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # STAR column name -> (N,) values added on output
     uncertainty: dict[str, np.ndarray] | None = None  # {'max', 'trace'} -> (N,) float64 dispersions
@@ -122,7 +113,7 @@ class ParticleSet:
     star_version: str | None = None  # '3.0' or '3.1' for a STAR file
 
     def __post_init__(self):
-        typed = typed_from_star_columns(self.extra)
+        typed = typed_from_columns(self.extra, "star")
         for name, value in typed.items():
             setattr(self, name, value)
 
@@ -134,43 +125,16 @@ class ParticleSet:
         """(N,) bool: rows with a known pose."""
         return np.isfinite(self.quat).all(axis=1)
 
-    def typed_star_columns(self) -> dict[str, np.ndarray]:
-        """The typed fields as STAR columns (in TYPED_STAR_COLUMNS order), only those that are set."""
-        out = {}
-        for quat, columns in ((self.prior_quat, PRIOR_ANGLE_COLUMNS), (self.predicted_quat, PREDICTED_ANGLE_COLUMNS)):
-            if quat is not None:
-                angles = finite_rows(quat, geometry.quat_to_relion_euler)
-                out.update({c: angles[:, i] for i, c in enumerate(columns)})
-        if self.uncertainty is not None:
-            out.update({UNCERTAINTY_STAR[k]: self.uncertainty[k] for k in ("max", "trace")})
-        if self.fom is not None:
-            out[FOM_COLUMN] = self.fom
-        if self.junk is not None:
-            out[JUNK_COLUMN] = self.junk
-        if self.image_sign is not None:
-            out[IMAGE_SIGN_STAR] = self.image_sign
-        return out
-
     def column(self, name: str) -> np.ndarray | None:
         """(N,) values of a per-particle column by its STAR name or cryoSPARC field name (typed fields, CTF,
         half-set and optics group included); None if the set has no such column."""
-        if name in (FOM_COLUMN, FOM_CS):
-            return self.fom
-        if name in (JUNK_COLUMN, JUNK_CS):
-            return self.junk
-        if name in (IMAGE_SIGN_STAR, IMAGE_SIGN_CS):
-            return self.image_sign
-        for key in ("max", "trace"):
-            if name in (UNCERTAINTY_STAR[key], UNCERTAINTY_CS[key]):
-                return None if self.uncertainty is None else self.uncertainty[key]
+        column = _TYPED_BY_NAME.get(name)
+        if column is not None:
+            return field_value(self, column)
         if name in self.numeric:
             return self.numeric[name]
-        ctf_key = {v: k for k, v in STAR_CTF.items()}.get(name)
-        if ctf_key is not None:
-            return None if self.ctf is None else self.ctf[ctf_key]
-        core = {"rlnRandomSubset": self.half_set, "rlnOpticsGroup": self.optics_group,
-                "rlnImagePixelSize": self.pixel_size, "blob/psize_A": self.pixel_size}
-        return core.get(name)
+        column = _OWN_BY_NAME.get(name)
+        return None if column is None else field_value(self, column)
 
     def subset(self, rows) -> "ParticleSet":
         """Rows selected by a boolean mask or an index array, with the original table rows kept."""
@@ -274,27 +238,47 @@ class ParticleSet:
                                      fix="set rlnImageSize / blob/shape to the real box size.")
 
 
-def typed_from_star_columns(columns) -> dict:
-    """Typed ParticleSet fields from STAR columns (a dict or DataFrame): ``prior_quat`` and ``predicted_quat``
-    (all three angle columns needed; NaN rows where an angle is missing), ``uncertainty`` (both dispersions),
-    ``fom``, ``junk``."""
+def _file_names(column, fmt: str) -> tuple[str, ...]:
+    return column.star if fmt == "star" else (column.cs_name,)
+
+
+def typed_from_columns(table, fmt: str) -> dict:
+    """Typed ParticleSet fields (columns.TYPED_FIELDS) from a file's per-particle columns: ``table`` maps STAR
+    column names (``fmt`` 'star': a dict or DataFrame) or .cs field names ('cs': {name: Dataset column}) to values.
+    A field is filled when all its columns are there: poses as (N, 4) quaternions (NaN rows where an angle is
+    missing), ``uncertainty`` {'max', 'trace'}, ``image_sign`` as ``image_signs``, the others in their dtype."""
     out = {}
-    for name, names in (("prior_quat", PRIOR_ANGLE_COLUMNS), ("predicted_quat", PREDICTED_ANGLE_COLUMNS)):
-        if all(c in columns for c in names):
-            angles = np.stack([np.asarray(columns[c], dtype=np.float64) for c in names], 1)
-            quat = np.full((len(angles), 4), np.nan)
-            ok = np.isfinite(angles).all(axis=1)
-            if ok.any():
-                quat[ok] = geometry.relion_euler_to_quat(*angles[ok].T)
-            out[name] = quat
-    if all(UNCERTAINTY_STAR[k] in columns for k in ("max", "trace")):
-        out["uncertainty"] = {k: np.asarray(columns[UNCERTAINTY_STAR[k]], dtype=np.float64) for k in ("max", "trace")}
-    if FOM_COLUMN in columns:
-        out["fom"] = np.asarray(columns[FOM_COLUMN], dtype=np.float64)
-    if JUNK_COLUMN in columns:
-        out["junk"] = np.asarray(columns[JUNK_COLUMN]).astype(np.int64)
-    if IMAGE_SIGN_STAR in columns:
-        out["image_sign"] = image_signs(columns[IMAGE_SIGN_STAR])
+    for field in TYPED_FIELDS:
+        columns = [c for c in TYPED_COLUMNS if c.attr == field]
+        if not all(name in table for c in columns for name in _file_names(c, fmt)):
+            continue
+        for column in columns:
+            names = _file_names(column, fmt)
+            if field in POSE_FIELDS:
+                value = quats_from_file(np.column_stack([np.asarray(table[n], np.float64) for n in names]), fmt)
+            elif field == "image_sign":
+                value = image_signs(table[names[0]])
+            else:
+                value = np.asarray(table[names[0]]).astype(column.dtype, copy=False)
+            if column.key:
+                out.setdefault(field, {})[column.key] = value
+            else:
+                out[field] = value
+    return out
+
+
+def typed_columns(ps: ParticleSet, fmt: str) -> dict[str, np.ndarray]:
+    """The typed fields that are set, as a file's columns (``typed_from_columns``' inverse): STAR column -> (N,)
+    values in TYPED_STAR_COLUMNS order (``fmt`` 'star'), or .cs field -> values, poses (N, 3) ('cs')."""
+    out = {}
+    for column in TYPED_COLUMNS:
+        value = field_value(ps, column)
+        if value is None:
+            continue
+        names = _file_names(column, fmt)
+        if column.attr in POSE_FIELDS:
+            value = file_poses(value, fmt)
+        out.update(zip(names, value.T) if len(names) > 1 else [(names[0], value)])
     return out
 
 
@@ -371,69 +355,3 @@ def resolve_all(paths, roots) -> np.ndarray:
     """Absolute stack paths: each relative path resolved against the first root that holds it (else the first)."""
     cache = {s: _resolve(s, roots) for s in pd.unique(np.asarray(paths, dtype=object))}
     return np.array([cache[s] for s in paths], dtype=object)
-
-
-# ------------------------------------------------------------------------------------------ dispatch
-
-
-def read_particles(path, project_dir=None) -> ParticleSet:
-    """Read a ``.star`` or ``.cs`` particle file."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".star":
-        from cryoforum_plugin.formats.star import read_star
-
-        return read_star(path, project_dir=project_dir)
-    if suffix == ".cs":
-        from cryoforum_plugin.formats.cs import read_cs
-
-        return read_cs(path, project_dir=project_dir)
-    raise CryoforumError(f"unknown particle file type '{suffix}'.", path=path, fix="pass a .star or .cs file.")
-
-
-def write_particles(ps: ParticleSet, path, relative_to=None, project_dir=None, absolute_paths: bool = False) -> Path:
-    """Write as ``.star`` or ``.cs`` by the file extension."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".star":
-        from cryoforum_plugin.formats.star import write_star
-
-        return write_star(ps, path, relative_to=relative_to, absolute_paths=absolute_paths)
-    if suffix == ".cs":
-        from cryoforum_plugin.formats.cs import write_cs
-
-        return write_cs(ps, path, project_dir=project_dir)
-    raise CryoforumError(f"unknown particle file type '{suffix}'.", path=path, fix="name the output .star or .cs.")
-
-
-def output_paths(input_path, out_dir, stem: str, fmt: str = "auto") -> list[Path]:
-    """Output file names for ``--format star|cs|both`` (``auto``: the input's format)."""
-    if fmt == "auto":
-        fmt = "cs" if Path(input_path).suffix.lower() == ".cs" else "star"
-    exts = {"star": [".star"], "cs": [".cs"], "both": [".star", ".cs"]}[fmt]
-    return [Path(out_dir) / f"{stem}{ext}" for ext in exts]
-
-
-# Re-exports of the I/O modules, resolved on first use (PEP 562) so that star_io / cs_io can import this module
-# first or second without a cycle.
-_REEXPORTS = {
-    "star": ("read_star", "write_star", "star_tables"),
-    "cs": ("read_cs", "write_cs", "from_dataset", "to_dataset", "read_uncertainty_sidecar",
-              "attach_uncertainty_sidecar", "uncertainty_sidecar_path", "uncertainty_dataset", "CS_BLOB_FIELDS",
-              "CS_CTF_FIELDS",
-              "CS_ALIGN_FIELDS", "CS_CRYOFORUM_FIELDS"),
-}
-_REEXPORT_MODULE = {name: module for module, names in _REEXPORTS.items() for name in names}
-
-
-def __getattr__(name):
-    module = _REEXPORT_MODULE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __package__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_REEXPORT_MODULE))

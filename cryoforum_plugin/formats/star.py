@@ -9,17 +9,24 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.formats.atomic import atomic_path
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import stack_shape
+from cryoforum_plugin.formats.columns import (
+    ANGLE_COLUMNS, CORE_STAR_COLUMNS, CTF_DEFAULTS, LEGACY_ORIGIN_COLUMNS, LEGACY_PIXEL_COLUMNS, STAR_CTF, STAR_NAME,
+    TYPED_STAR_COLUMNS, UID_COLUMN,
+)
 from cryoforum_plugin.formats.particles import (
-    ANGLE_COLUMNS, CORE_STAR_COLUMNS, STAR_CTF, TYPED_STAR_COLUMNS, UID_COLUMN, ParticleSet, check_box, check_quats,
-    deterministic_uids, finite_rows, resolve_all, typed_from_star_columns,
+    ParticleSet, check_box, check_quats, deterministic_uids, file_poses, quats_from_file, resolve_all, typed_columns,
+    typed_from_columns,
 )
 
 _OPTICS_CTF = ("voltage", "cs", "amp_contrast")
-_CTF_DEFAULTS = {"defocus_angle": 0.0, "phase_shift": 0.0, "voltage": 300.0, "cs": 2.7, "amp_contrast": 0.1}
+"""CTF parameters written to the optics table (the others per particle)."""
+_IMAGE_NAME, _GROUP, _HALF = STAR_NAME["image_path"], STAR_NAME["optics_group"], STAR_NAME["half_set"]
+_PIXEL, _BOX, _ORIGIN = STAR_NAME["pixel_size"], STAR_NAME["box"], STAR_NAME["shift_A"]
+_OPTICS_COLUMNS = (_PIXEL, _BOX, *LEGACY_PIXEL_COLUMNS, *(STAR_CTF[k] for k in _OPTICS_CTF))
+"""Per-group columns: moved to a new optics table when the set's own is not kept."""
 
 
 def _numeric_columns(particles: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -46,7 +53,7 @@ def read_star(path, project_dir=None) -> ParticleSet:
     optics = blocks.get("optics")
     particles = blocks.get("particles")
     if particles is None:
-        tables = [(k, v) for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v]
+        tables = [(k, v) for k, v in blocks.items() if isinstance(v, pd.DataFrame) and _IMAGE_NAME in v]
         if not tables:
             raise CryoforumError("no particle table with rlnImageName.", path=path,
                                  fix="pass a particle STAR file (e.g. run_data.star or particles.star), "
@@ -54,7 +61,7 @@ def read_star(path, project_dir=None) -> ParticleSet:
         name, particles = tables[0]
     else:
         name = "particles"
-    if not isinstance(particles, pd.DataFrame) or "rlnImageName" not in particles:
+    if not isinstance(particles, pd.DataFrame) or _IMAGE_NAME not in particles:
         raise CryoforumError("the particle table has no rlnImageName column.", path=path,
                              fix="the STAR file must list particle images (index@stack.mrcs).")
     particles = particles.reset_index(drop=True)
@@ -63,7 +70,7 @@ def read_star(path, project_dir=None) -> ParticleSet:
         optics = None
     version = "3.1" if optics is not None else "3.0"
 
-    names = particles["rlnImageName"].astype(str).to_numpy()
+    names = particles[_IMAGE_NAME].astype(str).to_numpy()
     split = np.char.partition(names.astype(str), "@")
     bad = np.nonzero((split[:, 1] != "@") | ~np.char.isdigit(split[:, 0]))[0]
     if len(bad):
@@ -76,31 +83,32 @@ def read_star(path, project_dir=None) -> ParticleSet:
     def col(df, name, default=np.nan):
         return df[name].to_numpy(dtype=np.float64) if df is not None and name in df else np.full(n, default, float)
 
-    group = particles["rlnOpticsGroup"].to_numpy(dtype=np.int64) if "rlnOpticsGroup" in particles else np.ones(n, np.int64)
+    group = particles[_GROUP].to_numpy(dtype=np.int64) if _GROUP in particles else np.ones(n, np.int64)
     per_particle = particles.copy()
     if optics is not None:
-        if "rlnOpticsGroup" not in optics:
+        if _GROUP not in optics:
             raise CryoforumError("the optics table has no rlnOpticsGroup column.", path=path,
                                  fix="write the file with RELION 3.1 or newer.")
-        missing = set(group) - set(optics["rlnOpticsGroup"].astype(int))
+        missing = set(group) - set(optics[_GROUP].astype(int))
         if missing:
             r = int(np.argmax(np.isin(group, list(missing))))
             raise CryoforumError(f"optics group {sorted(missing)[0]} is not in the optics table.", path=path, row=r,
                                  fix="add the group to data_optics or correct rlnOpticsGroup.")
-        og = optics.set_index(optics["rlnOpticsGroup"].astype(int))
+        og = optics.set_index(optics[_GROUP].astype(int))
         for column in og.columns:
-            if column not in per_particle and column != "rlnOpticsGroup":
+            if column not in per_particle and column != _GROUP:
                 per_particle[column] = og[column].reindex(group).to_numpy()
 
-    if "rlnImagePixelSize" in per_particle:
-        pixel = col(per_particle, "rlnImagePixelSize")
-    elif "rlnDetectorPixelSize" in per_particle and "rlnMagnification" in per_particle:
-        pixel = col(per_particle, "rlnDetectorPixelSize") * 1e4 / col(per_particle, "rlnMagnification")
+    detector, magnification = LEGACY_PIXEL_COLUMNS
+    if _PIXEL in per_particle:
+        pixel = col(per_particle, _PIXEL)
+    elif detector in per_particle and magnification in per_particle:
+        pixel = col(per_particle, detector) * 1e4 / col(per_particle, magnification)
     else:
         raise CryoforumError("no pixel size (rlnImagePixelSize, or rlnDetectorPixelSize and rlnMagnification).",
                              path=path, fix="add the pixel size to the optics table.")
-    if "rlnImageSize" in per_particle:
-        box = col(per_particle, "rlnImageSize").astype(np.int64)
+    if _BOX in per_particle:
+        box = col(per_particle, _BOX).astype(np.int64)
     else:  # RELION 3.0: the box comes from the stack headers
         shapes = {p: stack_shape(p)[-1] for p in pd.unique(image_path) if os.path.exists(p)}
         box = np.array([shapes.get(p, -1) for p in image_path], dtype=np.int64)
@@ -113,15 +121,13 @@ def read_star(path, project_dir=None) -> ParticleSet:
     if all(c in particles for c in ANGLE_COLUMNS):
         angles = particles[list(ANGLE_COLUMNS)].to_numpy(dtype=np.float64)
         check_quats(angles, path, "rlnAngleRot/Tilt/Psi")
-        quat = np.full((n, 4), np.nan)
-        ok = np.isfinite(angles).all(axis=1)
-        quat[ok] = geometry.relion_euler_to_quat(*angles[ok].T)
+        quat = quats_from_file(angles, "star")
     else:
         quat = np.full((n, 4), np.nan)
-    if "rlnOriginXAngst" in particles:
-        shift = np.stack([col(particles, "rlnOriginXAngst", 0.0), col(particles, "rlnOriginYAngst", 0.0)], 1)
-    elif "rlnOriginX" in particles:
-        shift = np.stack([col(particles, "rlnOriginX", 0.0), col(particles, "rlnOriginY", 0.0)], 1) * pixel[:, None]
+    if _ORIGIN[0] in particles:
+        shift = np.stack([col(particles, c, 0.0) for c in _ORIGIN], 1)
+    elif LEGACY_ORIGIN_COLUMNS[0] in particles:  # px
+        shift = np.stack([col(particles, c, 0.0) for c in LEGACY_ORIGIN_COLUMNS], 1) * pixel[:, None]
     else:
         shift = np.zeros((n, 2))
     if not np.isfinite(shift).all():
@@ -129,14 +135,14 @@ def read_star(path, project_dir=None) -> ParticleSet:
         raise CryoforumError("the origin (shift) contains NaN.", path=path, row=r, fix="remove the particle.")
 
     ctf = None
-    if "rlnDefocusU" in per_particle:
+    if STAR_CTF["defocus_u"] in per_particle:
         ctf = {}
         for key, column in STAR_CTF.items():
-            default = _CTF_DEFAULTS.get(key, np.nan)
+            default = CTF_DEFAULTS.get(key, np.nan)
             ctf[key] = col(per_particle, column, default)
-        if "rlnDefocusV" not in per_particle:
+        if STAR_CTF["defocus_v"] not in per_particle:
             ctf["defocus_v"] = ctf["defocus_u"].copy()
-    half = col(particles, "rlnRandomSubset", 0).astype(np.int64)
+    half = col(particles, _HALF, 0).astype(np.int64)
     uid = (particles[UID_COLUMN].to_numpy(dtype=np.uint64) if UID_COLUMN in particles
            else deterministic_uids(names))
     source = {"format": "star", "version": version, "particles": particles, "optics": optics,
@@ -144,7 +150,7 @@ def read_star(path, project_dir=None) -> ParticleSet:
     return ParticleSet(image_path=image_path, image_index=index, quat=quat, shift_A=shift, pixel_size=pixel,
                        box=box, ctf=ctf, optics_group=group, half_set=half, uid=uid, source=source, path=path,
                        numeric=_numeric_columns(particles), file_format="star", star_version=version,
-                       **typed_from_star_columns(particles))
+                       **typed_from_columns(particles, "star"))
 
 
 def _optics_table(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
@@ -155,11 +161,10 @@ def _optics_table(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
     table = np.stack(keys, 1)
     uniq, inverse = np.unique(table, axis=0, return_inverse=True)
     groups = np.arange(1, len(uniq) + 1)
-    rows = {"rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups], "rlnOpticsGroup": groups,
-            "rlnImagePixelSize": uniq[:, 1], "rlnImageSize": uniq[:, 2].astype(int), "rlnImageDimensionality": 2}
+    rows = {"rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups], _GROUP: groups,
+            _PIXEL: uniq[:, 1], _BOX: uniq[:, 2].astype(int), "rlnImageDimensionality": 2}
     if ps.ctf is not None:
-        rows.update({"rlnVoltage": uniq[:, 3], "rlnSphericalAberration": uniq[:, 4],
-                     "rlnAmplitudeContrast": uniq[:, 5]})
+        rows.update({STAR_CTF[k]: uniq[:, 3 + i] for i, k in enumerate(_OPTICS_CTF)})
     return pd.DataFrame(rows), groups[np.ravel(inverse)]
 
 
@@ -198,32 +203,32 @@ def star_tables(ps: ParticleSet, relative_to=None) -> dict[str, pd.DataFrame]:
     else:
         paths = ps.image_path if relative_to is None else [os.path.relpath(p, relative_to) for p in ps.image_path]
         names = np.array([f"{i + 1:06d}@{p}" for i, p in zip(ps.image_index, paths)], dtype=object)
-    particles["rlnImageName"] = names
+    particles[_IMAGE_NAME] = names
     optics = src.get("optics") if from_star else None
     if optics is not None:
         optics = optics.copy()
         group = ps.optics_group
     else:
         optics, group = _optics_table(ps)
-        for column in ("rlnImagePixelSize", "rlnImageSize", "rlnDetectorPixelSize", "rlnMagnification",
-                       "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        for column in _OPTICS_COLUMNS:
             particles.pop(column) if column in particles else None
-    particles["rlnOpticsGroup"] = group
+    particles[_GROUP] = group
     if ps.has_poses.any():
-        angles = finite_rows(ps.quat, geometry.quat_to_relion_euler)
+        angles = file_poses(ps.quat, "star")
         for i, column in enumerate(ANGLE_COLUMNS):
             particles[column] = angles[:, i]
-    particles["rlnOriginXAngst"] = ps.shift_A[:, 0]
-    particles["rlnOriginYAngst"] = ps.shift_A[:, 1]
-    for column in ("rlnOriginX", "rlnOriginY"):
+    for i, column in enumerate(_ORIGIN):
+        particles[column] = ps.shift_A[:, i]
+    for column in LEGACY_ORIGIN_COLUMNS:
         particles.pop(column) if column in particles else None
     if ps.ctf is not None:
-        for key in ("defocus_u", "defocus_v", "defocus_angle", "phase_shift"):
-            particles[STAR_CTF[key]] = ps.ctf[key]
+        for key, column in STAR_CTF.items():
+            if key not in _OPTICS_CTF:
+                particles[column] = ps.ctf[key]
     if (ps.half_set > 0).any():
-        particles["rlnRandomSubset"] = ps.half_set
+        particles[_HALF] = ps.half_set
     particles[UID_COLUMN] = ps.uid.astype(np.uint64)  # uids survive moves and renames of the stacks
-    typed = ps.typed_star_columns()
+    typed = typed_columns(ps, "star")
     for column in TYPED_STAR_COLUMNS:
         if column in typed:
             particles[column] = np.asarray(typed[column])
@@ -243,7 +248,7 @@ def write_star(ps: ParticleSet, path, relative_to=None, absolute_paths: bool = F
     defaults to the output file's directory; ``absolute_paths`` writes absolute stack paths instead."""
     if absolute_paths:
         tables = star_tables(ps, relative_to=None)
-        tables["particles"]["rlnImageName"] = [f"{i + 1:06d}@{p}" for i, p in zip(ps.image_index, ps.image_path)]
+        tables["particles"][_IMAGE_NAME] = [f"{i + 1:06d}@{p}" for i, p in zip(ps.image_index, ps.image_path)]
     else:
         tables = star_tables(ps, relative_to=relative_to if relative_to is not None else Path(path).resolve().parent)
     with atomic_path(path) as tmp:

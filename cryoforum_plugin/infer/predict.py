@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from cryoforum_plugin import runtime as distributed
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin import runtime
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.formats.loader import ImageSource, auto_workers
 from cryoforum_plugin.train.model_dir import ModelDir
@@ -40,7 +40,7 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
     """(K, B, 4) -> (B, 4) chordal mean (top eigenvector of Σ q qᵀ); with a group, each q_k is first replaced by
     its symmetry mate nearest to q_0."""
     if group is not None and len(group) > 1:
-        mates = geometry.quat_mul(qs[:, :, None, :], group)  # (K, B, G, 4)
+        mates = rotations.quat_mul(qs[:, :, None, :], group)  # (K, B, G, 4)
         dots = (mates * qs[0][None, :, None, :]).sum(-1).abs()  # (K, B, G)
         best = dots.argmax(-1)
         qs = torch.gather(mates, 2, best[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]
@@ -55,8 +55,8 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
     Images are preprocessed on ``device``. Under torchrun each process predicts its block and rank 0 returns the
     merged result in row order; the other ranks return None."""
-    distributed.init_from_env()
-    device = distributed.local_device(torch.device(device) if device is not None else torch.device("cpu"))
+    runtime.init_from_env()
+    device = runtime.local_device(torch.device(device) if device is not None else torch.device("cpu"))
     model = ModelDir(model_dir)
     pre, net, state = model.load(device)
     grid_pixel, grid_box = model.grid(default_pixel=float(ps.pixel_size[0]), default_box=int(ps.box[0]))
@@ -69,11 +69,11 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     amp = device.type == "cuda"
     source = ImageSource(ps, cache_bytes=0)
     n = len(ps)
-    mine = distributed.shard(n)  # all rows when not distributed
+    mine = runtime.shard(n)  # all rows when not distributed
     quat = np.zeros((n, 4), np.float32)
     evals = np.zeros((n, 4), np.float32) if net.has_evals else None  # QCQP and grid heads
     angles = [360.0 * k / tta for k in range(tta)]
-    bar = Progress(len(mine), "predict", enabled=progress and distributed.is_main(), events=events)
+    bar = Progress(len(mine), "predict", enabled=progress and runtime.is_main(), events=events)
     workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
     for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
@@ -88,8 +88,8 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
                 out = net(pre(img, flp))
             q = out["quat"].float()
             if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
-                r = torch.as_tensor(geometry.psi_rotation_quats([a]), dtype=torch.float32, device=device)
-                q = geometry.quat_mul(geometry.quat_conj(r), q)
+                r = torch.as_tensor(rotations.psi_rotation_quats([a]), dtype=torch.float32, device=device)
+                q = rotations.quat_mul(rotations.quat_conj(r), q)
             qs.append(q)
             if "evals" in out:
                 evs.append(out["evals"].float())
@@ -103,7 +103,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         torch.cuda.synchronize()
     seconds = time.time() - start
     source.close()
-    merged = distributed.gather_rows(mine, {"quat": quat[mine], "evals": None if evals is None else evals[mine]}, n)
+    merged = runtime.gather_rows(mine, {"quat": quat[mine], "evals": None if evals is None else evals[mine]}, n)
     if merged is None:  # not rank 0: rank 0 writes the merged output
         return None
     quat, evals = merged["quat"], merged["evals"]
@@ -112,7 +112,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     else:  # heads without a Bingham: no uncertainty; zeros keep the columns well-defined
         disp = {"max": np.zeros(n), "trace": np.zeros(n)}
     scale = model.trace_scale(state) or trace_scale(evals)
-    return Prediction(geometry.normalize(quat.astype(np.float64)), evals, disp,
+    return Prediction(rotations.normalize(quat.astype(np.float64)), evals, disp,
                       figure_of_merit(disp["trace"], scale), seconds)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 from scipy import stats
 
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.formats.particles import JUNK_COLUMN, REFINE_CS, REFINE_STAR, UNCERTAINTY_STAR, ParticleSet
+from cryoforum_plugin.formats.columns import JUNK_COLUMN, REFINE_CS, REFINE_STAR, UNCERTAINTY_STAR
+from cryoforum_plugin.formats.particles import ParticleSet
 
 __all__ = ["JUNK_COLUMN", "read_uncertainty", "uncertainty_score", "keep_by_quantile", "calibrate_threshold",
            "spearman", "risk_coverage", "auroc"]

@@ -2,7 +2,7 @@
 and a classification over an SO(3) grid).
 
 Shapes: input (B, C, H, W) from ``Preprocess``; encoder features (B, F, h, w); pooled (B, F); head outputs a
-unit quaternion (B, 4) in the internal convention (geometry.py) and, for the QCQP and grid heads, A (B, 4, 4) and
+unit quaternion (B, 4) in the internal convention (rotations.py) and, for the QCQP and grid heads, A (B, 4, 4) and
 its eigenvalues (B, 4), from which uncertainty.py computes the dispersions; the grid head also gives its logits
 (B, G) over the G rotations of ``symmetry.so3_grid`` (the buffer ``grid``).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 
 
@@ -179,7 +179,7 @@ def grid_distribution(logits: torch.Tensor, grid: torch.Tensor, group: torch.Ten
     with torch.no_grad():
         p = torch.softmax(logits.double(), dim=1)  # (B, G)
         grid, group = grid.double(), group.double()
-        mates = geometry.quat_mul(grid[:, None, :], group) if len(group) > 1 else None  # (G, S, 4)
+        mates = rotations.quat_mul(grid[:, None, :], group) if len(group) > 1 else None  # (G, S, 4)
         cos_r = math.cos(GRID_MODE_RADIUS * math.radians(spacing_deg) / 2)  # geodesic 2 acos|<q, c>| <= radius
         outer = (grid[:, :, None] * grid[:, None, :]).reshape(len(grid), 16) if mates is None else None
         centre = start = grid[p.argmax(1)]  # (B, 4)

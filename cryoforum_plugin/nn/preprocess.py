@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.physics.ctf import ctf_2d
-from cryoforum_plugin.physics.fourier import (
-    fft2c, ifft2c, pad_real, radius_2d, resize_images, shift_phase, soft_circular_mask,
-)
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.physics.ctf import ctf_images
+from cryoforum_plugin.physics.fourier import fft2c, ifft2c, radius_2d, shift_phase, soft_circular_mask
+from cryoforum_plugin.physics.resample import resample
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
@@ -53,7 +52,7 @@ class Preprocess(nn.Module):
 
     def crop_and_mask(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, N) -> (B, box, box): Fourier crop (or pad) and soft circular mask, before standardisation."""
-        return resize_images(images.float(), self.box) * self.mask
+        return resample(images.float(), self.box, 2) * self.mask
 
     def forward(self, images: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
         """``flipped``: (B, N, N) ``phase_flipped`` images, required when the module was built with phase_flip."""
@@ -83,7 +82,7 @@ def phase_flipped(raw: torch.Tensor, ctf: dict, rows, pixel_size) -> torch.Tenso
     (B,)). Without a CTF (``ctf`` None) the images are returned unchanged."""
     if ctf is None:
         return raw
-    sign = torch.sign(ctf_2d(ctf, rows, raw.shape[-1], pixel_size, raw.device))
+    sign = torch.sign(ctf_images(ctf, rows, raw.shape[-1], pixel_size, raw.device))
     return ifft2c(fft2c(raw.float()) * sign).real
 
 
@@ -112,8 +111,8 @@ def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: 
         raw = rotate_images(raw, a.to(device))
         if also is not None:
             also = rotate_images(also, a.to(device))
-        r = torch.as_tensor(geometry.psi_rotation_quats(a.numpy()), dtype=torch.float32, device=device)
-        target = geometry.quat_mul(r, target)
+        r = torch.as_tensor(rotations.psi_rotation_quats(a.numpy()), dtype=torch.float32, device=device)
+        target = rotations.quat_mul(r, target)
     if shift_px > 0:
         s = (torch.rand(b, 2, generator=gen) * 2 - 1) * shift_px
         ramp = shift_phase(s.to(device), raw.shape[-1])
@@ -135,8 +134,7 @@ def to_model_grid(raw: torch.Tensor, pixel_size, grid_pixel: float, grid_box: in
     for value in np.unique(np.round(p, 6)):
         rows = torch.as_tensor(np.nonzero(np.isclose(p, value, rtol=1e-6))[0], device=raw.device)
         new = int(round(n * value / grid_pixel))
-        resized = resize_images(raw[rows].float(), new)
-        out[rows] = pad_real(resized, grid_box, 2)
+        out[rows] = resample(raw[rows].float(), grid_box, 2, fourier_box=new)
     return out
 
 

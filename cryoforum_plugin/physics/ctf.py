@@ -8,36 +8,54 @@ import torch
 from cryoforum_plugin.physics.fourier import as_tensor, grid_2d
 
 
-def electron_wavelength(voltage_kv) -> np.ndarray:
-    """Relativistic electron wavelength in Å for the acceleration voltage in kV."""
+def electron_wavelength(voltage_kv):
+    """Relativistic electron wavelength in Å for the acceleration voltage in kV (array or tensor, same type out)."""
+    if isinstance(voltage_kv, torch.Tensor):
+        v = voltage_kv * 1e3
+        return 12.2643247 / torch.sqrt(v * (1 + v * 0.978466e-6))
     v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
     return 12.2643247 / np.sqrt(v * (1 + v * 0.978466e-6))
 
 
-def ctf_2d(ctf: dict, rows, box: int, pixel_size, device=None) -> torch.Tensor:
-    """CTF images (B, box, box) on the centred grid for the particles ``rows`` of a CTF dict.
+def ctf_2d(defocus_u_A: torch.Tensor, defocus_v_A: torch.Tensor, astigmatism_angle_deg: torch.Tensor,
+           voltage_kV: torch.Tensor, cs_mm: torch.Tensor, amplitude_contrast: torch.Tensor,
+           phase_shift_deg: torch.Tensor, pixel_size_A: torch.Tensor, box: int) -> torch.Tensor:
+    """CTF images (B, box, box) on the centred Fourier grid of a ``box``-pixel image, in RELION's formulation.
 
-    ``ctf``: per-particle arrays as in particles.CTF_FIELDS (defocus Å, angles degrees, kV, mm).
-    ``pixel_size``: Å per pixel of the box (scalar or (B,)).
+    Every argument but ``box`` is a (B,) float tensor on the output's device (float32 in the package): defocus
+    U and V (Å), the astigmatism angle (degrees), the acceleration voltage (kV), spherical aberration (mm), the
+    amplitude contrast (fraction), the phase shift (degrees) and the pixel size (Å).
     Sign as RELION: CTF = -sin(χ) with χ = -π λ Δf k² + π/2 Cs λ³ k⁴ - phase shift - atan(Q/√(1-Q²)),
     Δf = (U+V)/2 + (U-V)/2·cos 2(α - angle).
     """
-    rows = np.asarray(rows)
+    def per_image(t):
+        return t[:, None, None]
 
-    def get(key):
-        return as_tensor(np.asarray(ctf[key], dtype=np.float64)[rows], device)[:, None, None]
-
-    lam = as_tensor(electron_wavelength(np.asarray(ctf["voltage"])[rows]), device)[:, None, None]
-    apix = as_tensor(np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), rows.shape), device)[:, None, None]
+    device = defocus_u_A.device
+    lam = per_image(electron_wavelength(voltage_kV.double()).to(voltage_kV.dtype))  # λ in float64 (≈0.02 Å)
+    apix = per_image(pixel_size_A)
     ky, kx = grid_2d(box, device)
     sx, sy = kx / (box * apix), ky / (box * apix)  # 1/Å
     s2 = sx**2 + sy**2
     alpha = torch.atan2(sy, sx)
-    u, v = get("defocus_u"), get("defocus_v")
-    ang = torch.deg2rad(get("defocus_angle"))
-    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2 * (alpha - ang))
-    cs = get("cs") * 1e7
-    q = get("amp_contrast").clamp(0, 0.999)
-    phase = torch.deg2rad(get("phase_shift"))
+    u, v = per_image(defocus_u_A), per_image(defocus_v_A)
+    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2 * (alpha - torch.deg2rad(per_image(astigmatism_angle_deg))))
+    cs = per_image(cs_mm) * 1e7
+    q = per_image(amplitude_contrast).clamp(0, 0.999)
+    phase = torch.deg2rad(per_image(phase_shift_deg))
     chi = -np.pi * lam * defocus * s2 + 0.5 * np.pi * cs * lam**3 * s2**2 - phase - torch.atan(q / torch.sqrt(1 - q**2))
     return -torch.sin(chi)
+
+
+def ctf_images(ctf: dict, rows, box: int, pixel_size, device=None) -> torch.Tensor:
+    """CTF images (B, box, box) for the particles ``rows`` of a CTF dict (per-particle arrays keyed as
+    ``columns.CTF_FIELDS``: defocus Å, angles degrees, kV, mm) at ``pixel_size`` Å (scalar or (B,)): the
+    particle set's CTF columns handed to ``ctf_2d``."""
+    rows = np.asarray(rows)
+
+    def get(key):
+        return as_tensor(np.asarray(ctf[key], dtype=np.float64)[rows], device)
+
+    return ctf_2d(get("defocus_u"), get("defocus_v"), get("defocus_angle"), get("voltage"), get("cs"),
+                  get("amp_contrast"), get("phase_shift"),
+                  as_tensor(np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), rows.shape), device), box)

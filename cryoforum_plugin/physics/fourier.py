@@ -1,4 +1,4 @@
-"""Fourier helpers (torch): centred transforms, frequency grids, Fourier cropping/padding.
+"""Fourier helpers (torch): centred transforms, frequency grids, centred cropping/padding (resampling: resample.py).
 
 Centring: the origin of an N-pixel axis is at index N // 2 in real space and in Fourier space
 (RELION's convention for even boxes). Image arrays are (..., y, x), volumes (z, y, x).
@@ -79,27 +79,6 @@ def _crop_or_pad_centered(x: torch.Tensor, new: int, dims: int) -> torch.Tensor:
     index = [slice(None)] * (x.dim() - dims) + [slice(start, start + old)] * dims
     out[tuple(index)] = x
     return out
-
-
-def resize_images(images: torch.Tensor, new_box: int) -> torch.Tensor:
-    """Fourier crop (or pad) (..., N, N) images to (..., new_box, new_box); pixel size scales by N/new_box.
-
-    Intensities are scaled so that real-space values are preserved.
-    """
-    n = images.shape[-1]
-    if n == new_box:
-        return images
-    f = _crop_or_pad_centered(fft2c(images), new_box, 2)
-    return ifft2c(f).real * (new_box / n) ** 2
-
-
-def resize_volume(vol: torch.Tensor, new_box: int) -> torch.Tensor:
-    """Fourier crop (or pad) a (N, N, N) volume to new_box³, preserving real-space values."""
-    n = vol.shape[-1]
-    if n == new_box:
-        return vol
-    f = _crop_or_pad_centered(fft3c(vol), new_box, 3)
-    return ifft3c(f).real * (new_box / n) ** 3
 
 
 def pad_real(x: torch.Tensor, new: int, dims: int) -> torch.Tensor:

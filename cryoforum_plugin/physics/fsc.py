@@ -1,11 +1,11 @@
-"""Fourier shell correlation, resolution at a threshold, soft masks, plots."""
+"""Fourier shell correlation, resolution at a threshold, FSC weighting of a map, soft masks."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics.fourier import as_tensor, fft3c, radius_3d
+from cryoforum_plugin.physics.fourier import as_tensor, fft3c, ifft3c, radius_3d
 
 
 def fsc_curve(map1, map2, mask=None) -> np.ndarray:
@@ -35,6 +35,33 @@ def resolution(curve: np.ndarray, box: int, pixel_size: float, threshold: float)
             shell = (i - 1) + t
             return float(box * pixel_size / max(shell, 1e-6))
     return float(2 * pixel_size)
+
+
+def fsc_shell_weights(curve: np.ndarray, of: str) -> np.ndarray:
+    """Per-shell weights (D//2,) of a map from its half-maps' FSC curve (D//2,), FSC clipped to [0, 1]:
+    ``of="half"``: one half-map's Wiener filter SSNR / (1 + SSNR) with its SSNR = FSC / (1 - FSC), i.e. the FSC
+    (the refinement's gold-standard references); ``of="full"``: the full map's C_ref = sqrt(2·FSC / (1 + FSC))
+    (Rosenthal & Henderson 2003; the training map), the full map's correlation with the truth."""
+    c = np.clip(curve, 0, 1)
+    if of == "half":
+        return c
+    if of == "full":
+        return np.sqrt(2 * c / (1 + c))
+    raise ValueError(f"of must be 'half' or 'full', not {of!r}")
+
+
+def fsc_weighted(maps: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The full map of ``reconstruct.reconstruct(..., halves=True)`` (``maps``: "full", "half1", "half2", each
+    (D, D, D)) multiplied per Fourier shell by sqrt(2·FSC / (1 + FSC)) of its half-maps (0 where the FSC is <= 0
+    and beyond the last shell): the noise of a small reconstruction is filtered out before it is projected as if
+    it were signal. Returns (map (D, D, D) float32, FSC curve (D//2,))."""
+    curve = fsc_curve(maps["half1"], maps["half2"])
+    weight = np.concatenate([fsc_shell_weights(curve, "full"), [0.0]])
+    vol = torch.as_tensor(maps["full"], dtype=torch.float64)
+    d = vol.shape[-1]
+    shell = torch.round(radius_3d(d)).long().clamp(max=len(weight) - 1)
+    w = torch.as_tensor(weight)[shell]
+    return ifft3c(fft3c(vol) * w).real.float().numpy(), curve
 
 
 def soft_sphere_mask(box: int, radius: float, edge: float = 6.0) -> np.ndarray:

@@ -101,7 +101,7 @@ class NoiseModel:
 
     def resampled(self, box: int, pixel_size: float) -> "NoiseModel":
         """The same noise described on another grid (box px at pixel_size Å): spectra interpolated at the same
-        spatial frequencies and scaled by (old / new pixel size)², as Fourier cropping (resize_images) does.
+        spatial frequencies and scaled by (old / new pixel size)², as Fourier cropping (resample.resample) does.
         Frequencies past the old Nyquist take the last shell's value."""
         if box == self.box and abs(pixel_size - self.pixel_size) < 1e-9 * self.pixel_size:
             return self
@@ -143,7 +143,7 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
     and padded/cropped. ``images``: optional (N, box, box) array/tensor aligned with ``ps`` (skips the stacks).
     Particles must share one box and pixel size (``ParticleSet.require_one_sampling``: one clear error otherwise).
     """
-    from cryoforum_plugin.physics.ctf import ctf_2d
+    from cryoforum_plugin.physics.ctf import ctf_images
     from cryoforum_plugin.physics.resample import map_on_particle_grid
     from cryoforum_plugin.physics.projector import Projector
 
@@ -171,7 +171,7 @@ def estimate_noise_spectrum(ps, reference_map, *, batch: int = 256, max_particle
                 x = torch.from_numpy(ps.read_images(reader, r)).to(device)
             else:
                 x = as_tensor(images[torch.as_tensor(r)] if isinstance(images, torch.Tensor) else images[r], device)
-            c = None if ps.ctf is None else ctf_2d(ps.ctf, r, box, ps.pixel_size[r], device)
+            c = None if ps.ctf is None else ctf_images(ps.ctf, r, box, ps.pixel_size[r], device)
             p = projector.project(ps.quat[r], as_tensor(ps.shift_A[r] / ps.pixel_size[r, None], device), c)
             a = (x * p).sum((-2, -1)) / (p * p).sum((-2, -1)).clamp(min=1e-30)
             sig = a[:, None, None] * p

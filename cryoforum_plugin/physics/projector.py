@@ -8,18 +8,20 @@ interpolation, as RELION does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics.fourier import (
     as_tensor, fft2c, fft3c, freq_1d, grid_2d, ifft2c, ifft3c, pad_real, radius_3d, shift_phase,
 )
 
 
 def _matrices(quats, device) -> torch.Tensor:
-    return as_tensor(geometry.quat_to_matrix(np.asarray(quats, dtype=np.float64)), device)
+    return as_tensor(rotations.quat_to_matrix(np.asarray(quats, dtype=np.float64)), device)
 
 
 
@@ -32,10 +34,22 @@ def _gridding(n_pad: int, box: int, device, dims: int) -> torch.Tensor:
     return s[:, None] * s[None, :]
 
 
-class Projector:
-    """Projects a (D, D, D) map (z, y, x) at given poses; ``pad`` is the Fourier oversampling factor."""
+def _shell_filter(shell_weight, n: int, pad: int, device) -> torch.Tensor:
+    """(n, n, n) real filter on a ``pad``-times padded grid from per-shell weights of the unpadded grid (shell i at
+    radius i Fourier pixels; linear interpolation between shells, the last weight beyond)."""
+    w = torch.as_tensor(np.asarray(shell_weight, dtype=np.float64), dtype=torch.float32, device=device)
+    r = radius_3d(n, device) / pad
+    i0 = r.floor().long().clamp(max=len(w) - 1)
+    i1 = (i0 + 1).clamp(max=len(w) - 1)
+    t = (r - r.floor()).clamp(0, 1)
+    return (1 - t) * w[i0] + t * w[i1]
 
-    def __init__(self, volume, pad: int = 2, device=None):
+
+class Projector:
+    """Projects a (D, D, D) map (z, y, x) at given poses; ``pad`` is the Fourier oversampling factor.
+    ``shell_weight``: optional radial filter of the map, one weight per Fourier shell of the unpadded grid."""
+
+    def __init__(self, volume, pad: int = 2, device=None, shell_weight=None):
         vol = as_tensor(volume, device)
         self.box = vol.shape[-1]
         self.pad = pad
@@ -43,7 +57,10 @@ class Projector:
         self.device = vol.device
         vol = vol / _gridding(self.n, self.box, vol.device, 3)  # pre-compensate trilinear interpolation
         spec = fft3c(pad_real(vol, self.n, 3))
+        if shell_weight is not None:
+            spec = spec * _shell_filter(shell_weight, self.n, pad, vol.device)
         self._spec = torch.stack([spec.real, spec.imag])[None]  # (1, 2, n, n, n)
+        self._crops: dict[int, torch.Tensor] = {}
 
     def project(self, quats, shifts_px=None, ctf: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, D, D) for (B, 4) poses, optional (B, 2) origins in pixels and (B, D, D) CTF images."""
@@ -61,6 +78,31 @@ class Projector:
         if ctf is not None:
             spec = spec * ctf
         return ifft2c(spec).real
+
+    def _crop(self, radius: float) -> tuple[torch.Tensor, int]:
+        """The padded spectrum's central (2m+1)³ cube (1, 2, ...) holding every frequency up to ``radius`` Fourier
+        pixels of the unpadded grid (kept for later calls), and m."""
+        m = min(math.ceil(self.pad * radius) + 2, self.n // 2 - 1)
+        if m not in self._crops:
+            c = self.n // 2
+            self._crops[m] = self._spec[:, :, c - m:c + m + 1, c - m:c + m + 1, c - m:c + m + 1].contiguous()
+        return self._crops[m], m
+
+    def sample_slices(self, mats: torch.Tensor, kvec: torch.Tensor, radius: float,
+                      chunk: int = 1 << 21) -> torch.Tensor:
+        """Central-slice values of the map's spectrum for (M, 3, 3) matrices ``A`` at (K, 3) coefficients
+        ``k = (kx, ky, 0)`` (Fourier pixels of the unpadded grid, |k| ≤ ``radius``): (M, K) complex, the spectrum
+        at ``Aᵀ·k`` (``project``'s values without the inverse FFT). ``chunk``: coordinates per interpolation call."""
+        vol, m = self._crop(radius)
+        k = kvec.shape[0]
+        out = torch.empty((mats.shape[0], k), dtype=torch.complex64, device=mats.device)
+        step = max(1, chunk // max(k, 1))
+        for lo in range(0, mats.shape[0], step):
+            coords = torch.einsum("mji,kj->mki", mats[lo:lo + step], kvec) * (self.pad / m)
+            s = F.grid_sample(vol, coords[None, None], mode="bilinear", padding_mode="zeros",
+                              align_corners=True)[0, :, 0]  # (2, M, K)
+            out[lo:lo + step] = torch.complex(s[0], s[1])
+        return out
 
 
 class Backprojector:
@@ -95,7 +137,7 @@ class Backprojector:
         w = torch.ones(b, device=self.device) if weights is None else as_tensor(weights, self.device)
         spec, ctf2 = spec * w[:, None], ctf2 * w[:, None]
         quats = np.asarray(quats, dtype=np.float64)
-        mates = [quats] if group is None else [geometry.quat_mul(quats, g[None]) for g in np.asarray(group)]
+        mates = [quats] if group is None else [rotations.quat_mul(quats, g[None]) for g in np.asarray(group)]
         for q in mates:
             coords = torch.einsum("bji,pj->bpi", _matrices(q, self.device), self._k) + self.n // 2
             self._scatter(coords.reshape(-1, 3), spec.reshape(-1), ctf2.reshape(-1))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cryoforum_plugin.physics import symmetry
-from cryoforum_plugin.physics.ctf import ctf_2d
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.runtime import resolve_device
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import StackReader
@@ -39,7 +39,7 @@ def reconstruct(ps: ParticleSet, sym: str = "C1", weights=None, halves: bool = F
             rows = rows[w_all[rows] > 0]
             if len(rows):
                 images = ps.read_images(reader, rows)
-                c = None if ps.ctf is None else ctf_2d(ps.ctf, rows, box, ps.pixel_size[rows], device)
+                c = None if ps.ctf is None else ctf_images(ps.ctf, rows, box, ps.pixel_size[rows], device)
                 for h in (1, 2):
                     sel = half[rows] == h
                     if sel.any():

@@ -1,5 +1,7 @@
-"""A 3-D map brought onto the particles' grid (box³ voxels at the particles' pixel size): the one resampler that
-refinement, the noise estimate and training from the map share."""
+"""The one resampler: images and maps to another pixel size and box (Fourier cropping or padding, then real-space
+cropping or padding). ``map_on_particle_grid`` brings a map onto the particles' grid (refinement, the noise
+estimate, training from the map); ``nn.preprocess.to_model_grid`` brings each optics group's images onto the
+model's grid; ``resized_map`` reads a map at another box (the simulator, tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,28 @@ import numpy as np
 import torch
 
 from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.physics.fourier import as_tensor, pad_real, resize_volume
+from cryoforum_plugin.physics.fourier import as_tensor, fft2c, fft3c, ifft2c, ifft3c, pad_real
+
+
+def resample(x: torch.Tensor, box: int, dims: int, fourier_box: int | None = None) -> torch.Tensor:
+    """The last ``dims`` (2: images, 3: a volume) axes of ``x`` (..., N, N[, N]) -> (..., box, box[, box]):
+    Fourier-cropped or padded to ``fourier_box`` (the pixel size scales by N / fourier_box; real-space values
+    preserved), then cropped or zero-padded in real space around the centre to ``box``. ``fourier_box=None``:
+    ``box`` (the same field of view at a new pixel size)."""
+    n = x.shape[-1]
+    m = box if fourier_box is None else fourier_box
+    if m != n:
+        fft, ifft = (fft2c, ifft2c) if dims == 2 else (fft3c, ifft3c)
+        x = ifft(pad_real(fft(x), m, dims)).real * (m / n) ** dims
+    return pad_real(x, box, dims)
+
+
+def resized_map(path, box: int, device=None) -> tuple[torch.Tensor, float]:
+    """The map in ``path`` Fourier-cropped/padded to ``box``³ and its new pixel size (Å)."""
+    from cryoforum_plugin.formats.mrc import read_map
+
+    vol, apix = read_map(path)
+    return resample(as_tensor(vol, device), box, 3), apix * vol.shape[0] / box
 
 
 def map_on_particle_grid(reference, box: int, pixel_size: float, map_pixel_size: float | None = None,
@@ -35,7 +58,7 @@ def map_on_particle_grid(reference, box: int, pixel_size: float, map_pixel_size:
     t = as_tensor(v, device)
     d = v.shape[0]
     if map_pixel_size is None:  # the same physical extent as the particle box
-        return resize_volume(t, box).contiguous()
+        return resample(t, box, 3).contiguous()
     if not np.isfinite(map_pixel_size) or map_pixel_size <= 0:
         raise CryoforumError(f"invalid {what} pixel size {map_pixel_size}.", path=path,
                              fix="give the map's pixel size in Å (its header, or reference_pixel_size).")
@@ -49,5 +72,4 @@ def map_on_particle_grid(reference, box: int, pixel_size: float, map_pixel_size:
             f"{abs(d * map_pixel_size / max(m, 1) - pixel_size) / pixel_size:.1%} > {tol:.1%}).", path=path,
             fix="resample the map to the particles' pixel size (e.g. relion_image_handler --rescale_angpix "
                 f"{pixel_size:g} --new_box {box}), or check the map's pixel size.")
-    t = resize_volume(t, m) if m != d else t
-    return pad_real(t, box, 3).contiguous()
+    return resample(t, box, 3, fourier_box=m).contiguous()

@@ -121,6 +121,31 @@ def quat_to_cryosparc_pose(q) -> np.ndarray:
     return _rot(q).inv().as_rotvec()
 
 
+# ---------------------------------------------------------------- conversions (torch, any float dtype)
+
+
+def quat_to_matrix_torch(q):
+    """(..., 4) unit quaternion tensors (w, x, y, z) -> (..., 3, 3) RELION matrices ``A`` (``quat_to_matrix``'s,
+    in torch, on the tensors' device and dtype)."""
+    import torch
+
+    w, x, y, z = q.unbind(-1)
+    m = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1)
+    return m.reshape(*q.shape[:-1], 3, 3)
+
+
+def rotvec_to_quat_torch(v):
+    """(..., 3) rotation-vector tensors (radians) -> (..., 4) unit quaternions (w ≥ 0 for angles ≤ π)."""
+    import torch
+
+    angle = v.norm(dim=-1, keepdim=True)
+    half = angle / 2
+    scale = torch.where(angle > 1e-12, torch.sin(half) / angle.clamp(min=1e-12), 0.5 - angle**2 / 48)
+    return torch.cat([torch.cos(half), v * scale], -1)
+
+
 def viewing_direction(q) -> np.ndarray:
     """(N, 4) -> (N, 3) unit projection direction in map coordinates (third row of ``A``).
 
@@ -138,3 +163,14 @@ def psi_rotation_quats(angles_deg) -> np.ndarray:
     """(B,) angles -> (B, 4) quaternions r with q(psi + a) = r ⊗ q(psi), i.e. r = rotation about z by -a."""
     half = -np.deg2rad(np.asarray(angles_deg, dtype=np.float64)) / 2
     return np.stack([np.cos(half), np.zeros_like(half), np.zeros_like(half), np.sin(half)], -1)
+
+
+def fibonacci_so3(n_directions: int, n_psi: int) -> np.ndarray:
+    """(n_directions · n_psi, 4) near-uniform rotations, like RELION's HEALPix sampling: viewing directions on a
+    Fibonacci sphere (rot, tilt) × ``n_psi`` evenly spaced in-plane angles (psi, degrees), direction-major order.
+    The one SO(3) grid: ``symmetry.so3_grid`` (grid head, global search) and the simulator's grid orientations."""
+    i = np.arange(n_directions) + 0.5
+    tilt = np.degrees(np.arccos(1 - 2 * i / n_directions))
+    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
+    psi = np.arange(n_psi) * 360.0 / n_psi
+    return relion_euler_to_quat(np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psi, n_directions))

@@ -2,7 +2,7 @@
 
 A group is returned as (G, 4) quaternions (w, x, y, z) of its rotation matrices ``g``. The group acts on
 the map side: a pose ``A`` and ``A·g`` give the same projection of a map with that symmetry, so in the
-internal representation (see geometry.py) the symmetry class of ``q`` is ``{q ⊗ g}``.
+internal representation (see rotations.py) the symmetry class of ``q`` is ``{q ⊗ g}``.
 The element sets are checked in the tests against ``relion_refine --sym G --print_symmetry_ops``.
 """
 
@@ -15,7 +15,7 @@ import re
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.errors import CryoforumError
 
 _PHI = (1 + 5**0.5) / 2
@@ -84,7 +84,7 @@ def group_matrices(name: str) -> np.ndarray:
 
 def group_quats(name: str) -> np.ndarray:
     """(G, 4) quaternions of the group, identity first."""
-    return geometry.matrix_to_quat(_group_matrices(canonical_name(name)))
+    return rotations.matrix_to_quat(_group_matrices(canonical_name(name)))
 
 
 def order(name: str) -> int:
@@ -93,13 +93,25 @@ def order(name: str) -> int:
 
 
 def _min(x, axis):
-    return x.min(dim=axis).values if geometry._is_torch(x) else x.min(axis=axis)
+    return x.min(dim=axis).values if rotations._is_torch(x) else x.min(axis=axis)
 
 
 def symmetric_geodesic(p, q, group):
     """min over g of d(p, q ⊗ g) in radians. p, q: (..., 4) (NumPy or torch); group: (G, 4) of the same kind."""
-    expanded = geometry.quat_mul(q[..., None, :], group)  # (..., G, 4)
-    return _min(geometry.geodesic(p[..., None, :], expanded), -1)
+    expanded = rotations.quat_mul(q[..., None, :], group)  # (..., G, 4)
+    return _min(rotations.geodesic(p[..., None, :], expanded), -1)
+
+
+def symmetric_dot(a, b, group):
+    """max over g of |<a, b ⊗ g>|, the cosine of half the symmetry-aware geodesic (torch, no acos: the global
+    search compares it with cosines of angles); a, b: (..., 4) tensors that broadcast, group: (G, 4) tensor."""
+    import torch
+
+    best = None
+    for g in group:
+        d = (a * rotations.quat_mul(b, g.expand_as(b))).sum(-1).abs()
+        best = d if best is None else torch.maximum(best, d)
+    return best
 
 
 # A reference direction near +z at rot = 0: its Dirichlet cell on the sphere is RELION's asymmetric unit
@@ -117,39 +129,34 @@ def reduce_to_asu(q, name: str) -> np.ndarray:
     q = np.asarray(q, dtype=np.float64).reshape(-1, 4)
     group = group_quats(name)
     if len(group) == 1:
-        return geometry.normalize(q)
-    members = geometry.quat_mul(q[:, None, :], group[None])  # (N, G, 4)
-    mats = geometry.quat_to_matrix(members.reshape(-1, 4)).reshape(len(q), len(group), 3, 3)
+        return rotations.normalize(q)
+    members = rotations.quat_mul(q[:, None, :], group[None])  # (N, G, 4)
+    mats = rotations.quat_to_matrix(members.reshape(-1, 4)).reshape(len(q), len(group), 3, 3)
     score = mats[:, :, 2, :] @ _REF_DIRECTION + 1e-7 * mats[:, :, 0, 0]
     best = np.argmax(score, axis=1)
-    return geometry.normalize(members[np.arange(len(q)), best])
+    return rotations.normalize(members[np.arange(len(q)), best])
 
 
 def in_asu(q, name: str, tol: float = 1e-6) -> np.ndarray:
     """Whether each (N, 4) rotation is its own canonical member (True) under the group."""
-    return geometry.geodesic(reduce_to_asu(q, name), geometry.normalize(q)) < tol
+    return rotations.geodesic(reduce_to_asu(q, name), rotations.normalize(q)) < tol
 
 
 def chance_median_error(name: str, n: int = 20000, seed: int = 0) -> float:
     """Median symmetry-aware geodesic error (radians) between independent uniform random rotations."""
     rng = np.random.default_rng(seed)
-    a, b = geometry.random_quats(n, rng), geometry.random_quats(n, rng)
+    a, b = rotations.random_quats(n, rng), rotations.random_quats(n, rng)
     return float(np.median(symmetric_geodesic(a, b, group_quats(name))))
 
 
 def so3_grid(spacing_deg: float, sym: str = "C1") -> np.ndarray:
     """A near-uniform SO(3) grid (G, 4) of about ``spacing_deg`` steps: Fibonacci viewing directions × in-plane
     angles, reduced to the asymmetric unit of ``sym`` (the poses whose canonical member is themselves). The global
-    search of refinement.py and the grid head of model.py use it (here, not in geometry.py: it needs the groups,
-    and this module imports geometry)."""
+    search of refine/global_search.py and the grid head of model.py use it (here, not in rotations.py: it needs the
+    groups, and this module imports rotations)."""
     step = np.radians(spacing_deg)
     n_dir = max(2, math.ceil(4 * np.pi / step**2))
-    n_psi = max(1, math.ceil(360.0 / spacing_deg))
-    i = np.arange(n_dir) + 0.5
-    tilt = np.degrees(np.arccos(1 - 2 * i / n_dir))
-    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
-    psi = np.arange(n_psi) * 360.0 / n_psi
-    q = geometry.relion_euler_to_quat(np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psi, n_dir))
+    q = rotations.fibonacci_so3(n_dir, max(1, math.ceil(360.0 / spacing_deg)))
     if order(sym) > 1:
         q = q[in_asu(q, sym, tol=1e-5)]
     return q

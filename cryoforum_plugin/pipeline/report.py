@@ -1,32 +1,20 @@
-"""The report of a prediction against known poses: does the uncertainty mean something? Numbers,
-reconstructions before/after filtering (the paper's Figure 4), figures and a self-contained HTML page."""
+"""The report of a prediction against known poses, rendered from the numbers it is given (``evaluation``
+computes them): figures under headings that say how to read them, a verdict and what to do next, report.json and a
+self-contained report.html."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from cryoforum_plugin.physics import rotations as geometry
 from cryoforum_plugin.formats.atomic import write_text
-from cryoforum_plugin.infer.select import (
-    auroc, keep_by_quantile, read_uncertainty, refine_confidence, risk_coverage, spearman, uncertainty_score,
-)
-from cryoforum_plugin.infer.metrics import geodesic_errors, match_rows, summarize
-from cryoforum_plugin.physics.fsc import fsc_curve, resolution
-from cryoforum_plugin.pipeline.plots import plot_fsc
-from cryoforum_plugin.formats.mrc import read_map, write_mrc
-from cryoforum_plugin.errors import CryoforumError
-from cryoforum_plugin.formats.particles import ParticleSet
-from cryoforum_plugin.pipeline.plots import pyplot, save_png
-from cryoforum_plugin.physics.reconstruct import reconstruct
-from cryoforum_plugin.sim.dataset import JUNK_KINDS
-from cryoforum_plugin.runtime import resolve_device
-from cryoforum_plugin.progress import Events
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.pipeline.plots import plot_fsc, pyplot, save_png
 
 
 FIGURE_TEXT = {
@@ -50,8 +38,34 @@ FIGURE_TEXT = {
 """Heading and how to read each figure of the report."""
 
 
-def figures(out: Path, err, unc, keep, junk, rc, ps_pred, err_refined=None, confidence=None) -> list[str]:
-    """Scatter, risk-coverage, orientation-distribution (and refinement) PNGs; returns their file names."""
+@dataclasses.dataclass
+class PerParticle:
+    """What the figures draw for the M particles with known poses (rows matched to the truth)."""
+
+    error: np.ndarray  # (M,) orientation error of the network's poses, radians
+    uncertainty: dict  # statistic ('trace', 'max', and 'refine' after a refinement) -> (M,) values
+    keep: np.ndarray  # (M,) bool: kept by the clean-up
+    junk: np.ndarray  # (M,) int: 0 a particle, else the kind of simulated junk (sim.dataset.JUNK_KINDS)
+    quat: np.ndarray  # (M, 4) the poses whose viewing directions are drawn (refined when refined)
+    refined_error: np.ndarray | None = None  # (M,) orientation error after refinement, radians
+    confidence: np.ndarray | None = None  # (M,) the refinement's confidence (1 = certain)
+
+
+@dataclasses.dataclass
+class FscCurves:
+    """FSC curves of the maps from each set of poses: set name -> (box // 2,) correlation per shell."""
+
+    curves: dict
+    box: int  # px
+    pixel_size: float  # Å
+    against_truth: bool  # against the true map, else between half-maps
+
+
+def figures(out: Path, particles: PerParticle, rc: dict) -> list[str]:
+    """Scatter, risk-coverage, orientation-distribution (and refinement) PNGs; returns their file names.
+    ``rc``: statistic -> risk-coverage curve (list of {"coverage", "median_error_rad"})."""
+    err, unc, keep, junk = particles.error, particles.uncertainty, particles.keep, particles.junk
+    err_refined, confidence = particles.refined_error, particles.confidence
     plt = pyplot()
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -76,7 +90,7 @@ def figures(out: Path, err, unc, keep, junk, rc, ps_pred, err_refined=None, conf
     save_png(fig, out / "risk_coverage.png")
     names.append("risk_coverage.png")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), subplot_kw={"projection": "mollweide"})
-    d = geometry.viewing_direction(ps_pred.quat)
+    d = rotations.viewing_direction(particles.quat)
     lon, lat = np.arctan2(d[:, 1], d[:, 0]), np.arcsin(np.clip(d[:, 2], -1, 1))
     for ax, mask, title in zip(axes, (keep, ~keep), ("kept", "rejected")):
         ax.scatter(lon[mask], lat[mask], s=2, alpha=0.5)
@@ -103,37 +117,6 @@ def figures(out: Path, err, unc, keep, junk, rc, ps_pred, err_refined=None, conf
         save_png(fig, out / "refinement.png")
         names.append("refinement.png")
     return names
-
-
-def reconstructions(out: Path, ps_true, ps_pred, keep, weights, sym, true_map, device,
-                    events: Events | None = None, ps_refined=None) -> tuple[dict, dict]:
-    """Maps with true poses, predicted poses, predicted + filtered, predicted + uncertainty-weighted (and refined,
-    refined + filtered); FSC against the true map (0.5, 0.143) and half-map FSC (0.143)."""
-    box, apix = int(ps_pred.box[0]), float(ps_pred.pixel_size[0])
-    sets = {"true poses": (ps_true, None), "predicted": (ps_pred, None),
-            "predicted, filtered": (ps_pred.subset(keep), None), "predicted, uncertainty-weighted": (ps_pred, weights)}
-    if ps_refined is not None:
-        sets.update({"refined": (ps_refined, None), "refined, filtered": (ps_refined.subset(keep), None)})
-    results, curves = {}, {}
-    for name, (ps, w) in sets.items():
-        t0 = time.time()
-        maps = reconstruct(ps, sym=sym, weights=w, halves=True, device=device, progress=False, events=events)
-        slug = name.replace(", ", "_").replace(" ", "_")
-        write_mrc(out / f"map_{slug}.mrc", maps["full"], apix)
-        half = fsc_curve(maps["half1"], maps["half2"])
-        r = {"particles": int(len(ps) if w is None else (np.asarray(w) > 0).sum()),
-             "half_map_fsc_0.143_A": resolution(half, box, apix, 0.143), "seconds": round(time.time() - t0, 1)}
-        if true_map is not None:
-            c = fsc_curve(maps["full"], true_map)
-            r["fsc_vs_truth_0.5_A"] = resolution(c, box, apix, 0.5)
-            r["fsc_vs_truth_0.143_A"] = resolution(c, box, apix, 0.143)
-            curves[name] = c
-        else:
-            curves[name] = half
-        results[name] = r
-    plot_fsc(curves, box, apix, out / "fsc.png",
-             title="FSC against the true map" if true_map is not None else "half-map FSC")
-    return results, curves
 
 
 def _deg(x) -> str:
@@ -239,87 +222,14 @@ def _html(summary: dict, images: list[str], out: Path) -> str:
             + html.escape(json.dumps(summary, indent=1, default=float)) + "</pre></details></body></html>")
 
 
-def report(pred: ParticleSet, truth: ParticleSet, out, *, refined: ParticleSet | None = None, true_map=None,
-           split: str = "all", split_uids=None, sym: str = "C1", statistic: str = "trace", drop: float = 0.25,
-           error_threshold: float = 15.0, reconstruct_maps: bool = True, device="auto",
-           events: Events | None = None) -> dict:
-    """Write report.html, report.json, figures and maps into ``out`` for the predicted set ``pred`` (and its
-    refinement ``refined``) against ``truth`` (matched by uid, else image); ``split_uids``: restrict to these
-    particles (the model's ``split`` part); ``true_map``: path of the true map for FSC against it."""
+def write_report(out, summary: dict, particles: PerParticle, fsc: FscCurves | None = None) -> dict:
+    """Render into ``out``: the figures of ``particles`` (and fsc.png with ``fsc``), report.json (``summary``)
+    and report.html. Returns ``summary``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pi, ti = match_rows(pred, truth)
-    if split_uids is not None:
-        sel = np.isin(pred.uid[pi], split_uids)
-        pi, ti = pi[sel], ti[sel]
-    unc_all = read_uncertainty(pred)
-    ps_pred, ps_true = pred.subset(pi), truth.subset(ti)
-    unc = {k: v[pi] for k, v in unc_all.items()}
-    ps_ref = None
-    if refined is not None:
-        ri, pj = match_rows(refined, ps_pred)
-        if len(pj) != len(ps_pred):
-            raise CryoforumError(f"the refined file holds {len(pj)} of the {len(ps_pred)} predicted particles.",
-                                 path=refined.path, fix="pass the output of `cryoforum refine` on the predicted file.")
-        ps_ref = refined.subset(ri[np.argsort(pj)])  # in ps_pred's row order
-        confidence = refine_confidence(ps_ref)
-        if confidence is not None:
-            unc["refine"] = confidence
-    err = geodesic_errors(ps_pred.quat, ps_true.quat, sym)
-    junk = truth.junk[ti].astype(int) if truth.junk is not None else np.zeros(len(ti), int)
-    good = junk == 0
-    threshold = np.radians(error_threshold)
-    metrics = {}
-    err_ref = geodesic_errors(ps_ref.quat, ps_true.quat, sym) if ps_ref is not None else None
-    for stat in ("trace", "max", "refine"):
-        if stat not in unc:
-            continue
-        s = (1.0 - unc[stat]) if stat == "refine" else unc[stat]
-        e = err_ref if stat == "refine" else err
-        metrics[stat] = {"spearman_vs_error": spearman(s[good], e[good]) if good.sum() > 2 else float("nan"),
-                         f"auroc_error_above_{error_threshold:g}deg": auroc(s[good], e[good] > threshold),
-                         "auroc_junk": auroc(s, ~good)}
-    score = uncertainty_score(unc, statistic)
-    keep = keep_by_quantile(score, drop)
-    rc = {stat: risk_coverage(unc[stat][good], err[good]) for stat in ("trace", "max")}
-    junk_detect = {"junk_particles": int((~good).sum()),
-                   "junk_dropped_fraction": float((~keep[~good]).mean()) if (~good).any() else float("nan")}
-    for k, name in JUNK_KINDS.items():
-        if (junk == k).any():
-            junk_detect[f"dropped_fraction_{name}"] = float((~keep[junk == k]).mean())
-    better = max(("trace", "max"), key=lambda k: metrics[k]["spearman_vs_error"]
-                 if np.isfinite(metrics[k]["spearman_vs_error"]) else -9)
-    final_err = err_ref if err_ref is not None else err
-    summary = {
-        "input": f"{pred.path} vs {truth.path} ({split}, {len(pi)} particles, sym {sym})",
-        "headline": {
-            "particles": int(len(pi)), "good (non-junk) particles": int(good.sum()),
-            "median error, good particles (deg)": round(float(np.degrees(np.median(err[good]))), 2),
-            f"median error after dropping {drop:.0%} by {statistic}, good (deg)":
-                round(float(np.degrees(np.median(final_err[keep & good]))), 2) if (keep & good).any() else None,
-            "better statistic (Spearman)": better,
-            "Spearman (better statistic vs error)": round(metrics[better]["spearman_vs_error"], 3),
-            "junk dropped at this fraction": round(junk_detect["junk_dropped_fraction"], 3)},
-        "errors_all": summarize(err, sym), "errors_good": summarize(err[good], sym),
-        "errors_kept_good": summarize(final_err[keep & good], sym), "statistics": metrics,
-        "risk_coverage": rc, "junk": junk_detect, "drop": drop, "statistic": statistic}
-    if err_ref is not None:
-        summary["errors_refined_good"] = summarize(err_ref[good], sym)
-        summary["headline"]["median error after refinement, good particles (deg)"] = round(
-            float(np.degrees(np.median(err_ref[good]))), 2)
-        shift_px = np.linalg.norm(ps_ref.shift_A - ps_true.shift_A, axis=1) / ps_ref.pixel_size
-        summary["shift_error_refined_px"] = float(np.median(shift_px[good]))
-    images = figures(out, err, unc, keep, junk, rc, ps_ref if ps_ref is not None else ps_pred, err_ref,
-                     unc.get("refine"))
-    if reconstruct_maps:
-        map_path, true_map = true_map, (read_map(true_map)[0] if true_map else None)
-        if true_map is not None and true_map.shape[0] != int(ps_pred.box[0]):
-            raise CryoforumError(f"the map is {true_map.shape[0]} px but the particles are {int(ps_pred.box[0])} px.",
-                                 path=map_path, fix="pass the true map at the particles' box and pixel size "
-                                                     "(e.g. relion_image_handler --new_box / --rescale_angpix).")
-        weights = unc_all["fom"][pi]
-        summary["reconstructions"], _ = reconstructions(out, ps_true, ps_pred, keep, weights, sym, true_map,
-                                                        resolve_device(device), events, ps_ref)
+    images = figures(out, particles, summary["risk_coverage"])
+    if fsc is not None:
+        plot_fsc(fsc.curves, fsc.box, fsc.pixel_size, out / "fsc.png",
+                 title="FSC against the true map" if fsc.against_truth else "half-map FSC")
         images.append("fsc.png")
     write_text(out / "report.json", json.dumps(summary, indent=2, default=float))
     write_text(out / "report.html", _html(summary, images, out))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
-from cryoforum_plugin.physics.ctf import ctf_2d
-from cryoforum_plugin.physics.fourier import as_tensor, resize_volume
+from cryoforum_plugin.physics import rotations
+from cryoforum_plugin.physics.ctf import ctf_images
+from cryoforum_plugin.physics.fourier import as_tensor
+from cryoforum_plugin.physics.resample import resample
 from cryoforum_plugin.physics.noise import NoiseModel
-from cryoforum_plugin.formats.particles import CTF_FIELDS
+from cryoforum_plugin.formats.columns import CTF_FIELDS
 from cryoforum_plugin.physics.projector import Projector
 
 
@@ -52,7 +53,7 @@ class MapParticleSimulator:
         self.box = int(box) if box is not None else d
         self.pixel_size = float(pixel_size) * d / self.box
         if self.box != d:
-            vol = resize_volume(vol, self.box)
+            vol = resample(vol, self.box, 3)
         self.projector = Projector(vol, device=self.device)
         if ctf_pool is not None:
             ctf_pool = {k: np.asarray(ctf_pool[k], dtype=np.float64) for k in CTF_FIELDS}
@@ -72,7 +73,7 @@ class MapParticleSimulator:
                 raise ValueError(f"orientations must be 'uniform' or an (M, 4) array, not {orientations!r}")
             self.quat_pool = None
         else:
-            self.quat_pool = geometry.normalize(np.asarray(orientations, np.float64).reshape(-1, 4))
+            self.quat_pool = rotations.normalize(np.asarray(orientations, np.float64).reshape(-1, 4))
         if snr is None:
             snr = self.noise.snr
             if not np.isfinite(snr) or snr <= 0:
@@ -112,7 +113,7 @@ class MapParticleSimulator:
 
         if self.quat_pool is None:
             q = torch.randn((n, 4), generator=generator, device=gd, dtype=torch.float64).cpu().numpy()
-            q = geometry.normalize(q)
+            q = rotations.normalize(q)
         else:
             q = self.quat_pool[rows(len(self.quat_pool))]
         ctf_rows = rows(len(self.ctf_pool["defocus_u"])) if self.ctf_pool is not None else None
@@ -124,7 +125,7 @@ class MapParticleSimulator:
         return q, snr, {"quat": q, "ctf_rows": ctf_rows, "shift_A": shift}
 
     def _clean(self, p: dict) -> torch.Tensor:
-        c = None if p["ctf_rows"] is None else ctf_2d(self.ctf_pool, p["ctf_rows"], self.box, self.pixel_size,
+        c = None if p["ctf_rows"] is None else ctf_images(self.ctf_pool, p["ctf_rows"], self.box, self.pixel_size,
                                                         self.device)
         return self.projector.project(p["quat"], as_tensor(p["shift_A"] / self.pixel_size, self.device), c)
 

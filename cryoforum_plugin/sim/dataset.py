@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics import rotations as geometry
+from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.formats.atomic import write_text
-from cryoforum_plugin.physics.ctf import ctf_2d
-from cryoforum_plugin.physics.fourier import as_tensor, radius_3d, resize_volume
-from cryoforum_plugin.formats.mrc import StackWriter, read_map
-from cryoforum_plugin.formats.particles import ParticleSet, read_particles, write_cs, write_star
+from cryoforum_plugin.physics.ctf import ctf_images
+from cryoforum_plugin.physics.fourier import as_tensor, radius_3d
+from cryoforum_plugin.physics.resample import resized_map
+from cryoforum_plugin.formats.mrc import StackWriter
+from cryoforum_plugin.formats.cs import write_cs
+from cryoforum_plugin.formats.files import read_particles
+from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.formats.star import write_star
 from cryoforum_plugin.progress import Progress
 
 JUNK_KINDS = {1: "noise", 2: "off-centre", 3: "other map"}
@@ -41,24 +45,12 @@ class SimulationResult:
     seconds: float
 
 
-def resized_map(path, box: int, device=None) -> tuple[torch.Tensor, float]:
-    """The map Fourier-cropped/padded to ``box``³ and its new pixel size (Å)."""
-    vol, apix = read_map(path)
-    n = vol.shape[0]
-    return resize_volume(as_tensor(vol, device), box), apix * n / box
-
-
 def grid_orientations(n: int, rng: np.random.Generator) -> np.ndarray:
     """About ``n`` orientations on a near-uniform grid (Fibonacci directions × evenly spaced psi),
     like RELION's HEALPix sampling, in random order; (n, 4)."""
     n_psi = max(1, int(round((n * np.pi / 4) ** (1 / 3) * 2)))
     n_dir = int(np.ceil(n / n_psi))
-    i = np.arange(n_dir) + 0.5
-    tilt = np.degrees(np.arccos(1 - 2 * i / n_dir))
-    rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360
-    psi = np.arange(n_psi) * 360.0 / n_psi
-    rr, pp = np.repeat(np.stack([rot, tilt], 1), n_psi, 0), np.tile(psi, n_dir)
-    q = geometry.relion_euler_to_quat(rr[:, 0], rr[:, 1], pp)
+    q = rotations.fibonacci_so3(n_dir, n_psi)
     return q[rng.permutation(len(q))[:n]]
 
 
@@ -112,7 +104,7 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
         quat = given.quat.copy()
         shift = given.shift_A.copy()
     else:
-        quat = grid_orientations(n, rng) if orientations == "grid" else geometry.random_quats(n, rng)
+        quat = grid_orientations(n, rng) if orientations == "grid" else rotations.random_quats(n, rng)
         if restrict_to_asu:
             quat = symmetry.reduce_to_asu(quat, sym)
         shift = rng.uniform(-max_shift, max_shift, (n, 2)) if max_shift > 0 else np.zeros((n, 2))
@@ -144,7 +136,7 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
         other_projector = Projector(other, device=device)
 
     def clean(rows):
-        c = None if ctf is None else ctf_2d(ctf, rows, box, apix, device)
+        c = None if ctf is None else ctf_images(ctf, rows, box, apix, device)
         sh = as_tensor(shift[rows] / apix, device)
         img = projector.project(quat[rows], sh, c)
         off = junk[rows] == 2
@@ -190,7 +182,7 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
         bar.close()
 
     ps = ParticleSet(image_path=np.array([str(stack_path.resolve())] * n, dtype=object),
-                     image_index=np.arange(n, dtype=np.int64), quat=geometry.normalize(quat), shift_A=shift,
+                     image_index=np.arange(n, dtype=np.int64), quat=rotations.normalize(quat), shift_A=shift,
                      pixel_size=np.full(n, apix), box=np.full(n, box, np.int64), ctf=ctf,
                      optics_group=np.ones(n, np.int64), half_set=rng.permutation(np.arange(n) % 2 + 1),
                      uid=np.arange(1, n + 1, dtype=np.uint64) + np.uint64(seed) * np.uint64(10**9))

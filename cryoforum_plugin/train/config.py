@@ -60,7 +60,7 @@ class TrainConfig:
     def from_args(cls, args) -> "TrainConfig":
         """From an argparse namespace or a dict with the option names (others ignored). An option counts as given
         when its value is not None: the front ends leave the options the user did not give at None
-        (``manifest.preset_options``: their command lines, ``jobs.options``). Each field is the user's value when
+        (``manifest.preset_options``: their command lines, ``options.options``). Each field is the user's value when
         given, else the value of ``preset`` (cpu, gpu, paper, auto = gpu on a GPU else cpu) when it sets one, else
         plugin.yaml's default, so a value the user gives is kept even when it equals the default. A
         --pretrain-steps the user gave turns the preset's --time-budget off (the user's step count is run)."""

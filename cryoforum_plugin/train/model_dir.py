@@ -99,7 +99,13 @@ class ModelDir:
 
     @property
     def best_path(self) -> Path:
+        """The trained model (best.pt): what prediction loads and what a job hands on as its model node."""
         return self.path / BEST
+
+    @property
+    def last_path(self) -> Path:
+        """The resumable checkpoint (last.pt): what ``--resume`` continues from."""
+        return self.path / LAST
 
     def last_state(self, device=None) -> dict | None:
         """The resumable state (last.pt), or None when there is none."""
