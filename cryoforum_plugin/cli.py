@@ -15,7 +15,7 @@ from cryoforum_plugin import manifest
 from cryoforum_plugin.errors import CryoforumError
 
 COMMANDS = ["info", "convert", "simulate", "reconstruct", "fsc", "train", "predict", "refine", "evaluate", "filter",
-            "report", "run", "demo", "cryosparc"]
+            "report", "run", "watch", "demo", "cryosparc"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,11 +56,25 @@ def without_empty_values(parser, argv) -> list[str]:
             if not (a in takes_value and (i + 1 == len(argv) or argv[i + 1].startswith("--")))]
 
 
+def normalised_choices(parser, argv) -> list[str]:
+    """``argv`` with the value of every option that has choices matched to its choice case-insensitively and
+    without surrounding blanks (a form or a Scheme variable typed 'Predict ')."""
+    choices = {s: a.choices for a in parser._actions if a.choices and a.option_strings for s in a.option_strings}
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] in choices:
+            match = [c for c in choices[out[i]] if str(c).lower() == out[i + 1].strip().lower()]
+            out[i + 1] = str(match[0]) if match else out[i + 1]
+    return out
+
+
 def parse(argv):
-    """Parse leniently: unknown arguments are reported in run.out and ignored; a form field left empty is not
-    given (``without_empty_values``). A config YAML sets defaults (options it names count as given)."""
+    """Parse leniently, as RELION's GUI, relion_scheduler and Schemes call the job: unknown arguments (e.g. a
+    scheduler's --continue, input flags of other node types) are reported in run.out and ignored; a form field
+    left empty is not given (``without_empty_values``); choices match in any case (``normalised_choices``). A
+    config YAML sets defaults (options it names count as given)."""
     parser = build_parser()
-    argv = without_empty_values(parser, argv)
+    argv = normalised_choices(parser, without_empty_values(parser, argv))
     args, unknown = parser.parse_known_args(argv)
     if args.config:
         cfg = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -116,13 +130,15 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
     if not args.in_parts:
         raise CryoforumError("no input particles.", fix="set 'Input particles' (--in_parts) on the I/O tab.")
     opts = job_options(args)
-    ps = read_particles(args.in_parts)
     model_dir = job_dir / "model"
+    opts.refine = args.refine == "yes"
+    reference = steps.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
     if args.mode == "predict":
         if not args.model:
             raise CryoforumError("mode predict needs a trained model.",
                                  fix="set 'model' to the model directory of an earlier cryo-forum job.")
-        model_dir = Path(args.model)
+        return predict_new_rows(args, opts, job_dir, Path(args.model), reference, events)
+    ps = read_particles(args.in_parts)
     if args.mode == "train":
         events.message(f"[cryo-forum] training on {args.in_parts} -> {model_dir}")
         from cryoforum_plugin.train.config import TrainConfig
@@ -132,18 +148,41 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
         from cryoforum_plugin.train.model_dir import ModelDir
 
         return [(str(ModelDir(model_dir).best_path), "model")]
-    opts.refine = args.refine == "yes"
-    reference = steps.Reference.from_files(args.in_3dref) if (opts.refine and args.in_3dref) else None
     result = pipeline_job.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
                                    model_dir=model_dir, reference=reference, events=events)
     return pipeline_job.write_outputs(result, job_dir, args.in_parts, opts, fmt="star",
                                       reconstruct_map=args.reconstruct == "yes", events=events)
 
 
+def predict_new_rows(args, opts, job_dir: Path, model_dir: Path, reference, events) -> list[tuple[str, str]]:
+    """Mode predict: the particles of --in_parts not yet processed by this job (a growing STAR: RELION's "Continue",
+    or a step of a relion_scheduler schedule / Scheme, runs the job again on more rows), through the stream of
+    ``cryoforum watch`` (``pipeline.watch.Watcher``, its ledger in the job directory), once; the outputs hold every
+    particle so far. A problem with the input (unreadable, a missing stack) fails the job."""
+    from cryoforum_plugin.errors import CryoforumError
+    from cryoforum_plugin.pipeline.stream import ParticleFiles
+    from cryoforum_plugin.pipeline.watch import MAP_NAME, Watcher, WatchSettings
+
+    if not Path(args.in_parts).is_file():
+        raise CryoforumError("particle file not found.", path=args.in_parts, fix="check 'Input particles'.")
+    settings = WatchSettings(settle=0.0, until_idle=0.0, map_every=0, reconstruct=args.reconstruct == "yes")
+    source = ParticleFiles(args.in_parts, batch_size=settings.batch_size, settle=0.0, events=events)
+    status = Watcher(source, job_dir, model_dir, reference, opts, settings, events=events).run()
+    if status["problems"]:  # a watcher goes on past a file it cannot use; this job is about that one file
+        raise CryoforumError(next(iter(status["problems"].values())))
+    events.message(f"[cryo-forum] {status['this_run']['particles']} new particles; {status['particles_done']} "
+                   f"processed by this job so far")
+    names = [("predicted.star", "particles"), ("refined.star", "particles"), ("confident.star", "particles"),
+             ("rejected.star", "particles"), (MAP_NAME, "map")]
+    return [(str(job_dir / name), kind) for name, kind in names if (job_dir / name).exists()]
+
+
 def job_star_text(fn_exe: str = "cryoforum-relion") -> str:
-    """A RELION job.star (3.1 format) that pre-fills the External job form with cryo-forum's parameters from
-    plugin.yaml (label = option name, value = default; empty for a training option a preset sets, so the preset
-    decides unless the user types a value). Load it in the GUI to start from these settings."""
+    """A RELION job.star that pre-fills the External job form with cryo-forum's parameters from plugin.yaml (label =
+    option name, value = default; empty for a training option a preset sets, so the preset decides unless the user
+    types a value). Load it in the GUI to start from these settings, or copy it into a Scheme. It names the job
+    type both ways: ``_rlnJobTypeLabel relion.external`` (RELION 4 and 5, whose Schemes read the label) and
+    ``_rlnJobType 99`` (RELION 3.1, which warns about the label it does not know and keeps going)."""
     from cryoforum_plugin import manifest
 
     form = [p for p in manifest.params("relion") if p.get("relion_form")][:10]
@@ -157,7 +196,8 @@ def job_star_text(fn_exe: str = "cryoforum-relion") -> str:
         values[f"param{i + 1}_label"] = p["name"] if p else '""'
         values[f"param{i + 1}_value"] = default if default else '""'
     rows = "\n".join(f"{k} {v}" for k, v in sorted(values.items()))
-    return ("\n# version 30001\n\ndata_job\n\n_rlnJobType 99\n_rlnJobIsContinue 0\n \n\n# version 30001\n\n"
+    return ("\n# version 30001\n\ndata_job\n\n_rlnJobTypeLabel relion.external\n_rlnJobType 99\n_rlnJobIsContinue 0\n"
+            " \n\n# version 30001\n\n"
             "data_joboptions_values\n\nloop_\n_rlnJobOptionVariable #1\n_rlnJobOptionValue #2\n" + rows + "\n \n")
 
 

@@ -160,3 +160,27 @@ def test_refinement_against_a_connected_volume_outputs_refined_poses(server):
     assert np.degrees(np.median(err_refined)) < 5 < np.degrees(np.median(err_pred))
     conf = Dataset.load(str(state.datasets[(uid, "confident")]))
     assert np.allclose(conf["alignments3D/pose"], refined["alignments3D/pose"][np.isin(refined["uid"], conf["uid"])])
+
+
+def test_cryosparc_predicts_new_particle_outputs_job_after_job(server, pretrained_from_map):
+    """cryosparc-tools 5: a completed External job takes no more outputs (CryoSPARC refuses save_output unless the
+    job is cleared, which deletes its outputs, and started again; the loopback server refuses it too), so every new
+    particle output of a session gets its own predict-only External job with the same model."""
+    from cryosparc.tools import CryoSPARC
+
+    state, url, ds = server
+    uids = []
+    for source in ("J5:particles", "J7:particles"):  # two extractions, one after the other
+        assert cli(["cryosparc", "--url", url, "--project", "P1", "--workspace", "W1", "--predict", source, "--model",
+                    str(pretrained_from_map["model"]), "--device", "cpu", "--no-refine"]) == 0
+        uids.append(max(state.jobs, key=lambda u: int(u[1:])))
+    assert uids[0] != uids[1]
+    for uid in uids:
+        assert state.jobs[uid]["status"] == "completed"
+        predicted = Dataset.load(str(state.datasets[(uid, "predicted")]))
+        confident, rejected = (Dataset.load(str(state.datasets[(uid, name)])) for name in ("confident", "rejected"))
+        assert sorted(predicted["uid"]) == sorted(ds["uid"])
+        assert sorted(np.concatenate([confident["uid"], rejected["uid"]])) == sorted(ds["uid"])
+    job = CryoSPARC(base_url=url).find_external_job("P1", uids[0])
+    with pytest.raises(Exception, match="only while the job is running or waiting"):
+        job.save_output("predicted", Dataset.load(str(state.datasets[(uids[0], "predicted")])))

@@ -4,7 +4,8 @@ Outputs of the External job: ``predicted`` (every particle, alignments3D pose/sh
 input's slots), ``refined`` (when it refined: the poses and shifts refined against the ``--reference`` volume, or against
 half-maps reconstructed from the training particles), ``confident`` and ``rejected`` (selections of the ORIGINAL
 particles with the final poses: same uids, passthrough of blob, ctf, location...). The per-particle uncertainty is uploaded as ``cryoforum_uncertainty.cs`` (uid-keyed:
-cryoforum/max_dispersion, cryoforum/trace_dispersion, cryoforum/fom) into the job directory; the trained model
+cryoforum/max_dispersion, cryoforum/trace_dispersion, cryoforum/fom) into the job directory, the domain check
+(whether the model fits these particles; a warning event when it does not) as ``predict.json``; the trained model
 goes to ``<job dir>/model``. Progress is one updating line of the event log; figures go to the log. Outputs are
 saved only after everything was computed and uploaded: a failed job has none.
 """
@@ -89,7 +90,12 @@ class CryosparcEvents(Events):
             self.last = time.time()
 
     def message(self, text: str) -> None:
-        self.progress(text, final=True)
+        """A line of the updating progress event; a line starting 'WARNING:' (the domain check's) is an event of
+        its own at level warning, so the next progress line does not overwrite it."""
+        if text.startswith("WARNING:"):
+            self.job.log(text, level="warning")
+        else:
+            self.progress(text, final=True)
 
     def figure(self, fig, title: str) -> None:
         self.job.log_plot(fig, title, formats=["png"])
@@ -221,6 +227,7 @@ def _work(job, project, args, target) -> dict:
     side = io.BytesIO()
     uncertainty_dataset(ps).save(side)
     job.upload("cryoforum_uncertainty.cs", side.getvalue())
+    job.upload("predict.json", json.dumps({"domain_check": result.prediction.domain_check}, indent=2).encode())
     for name, dataset in outputs.items():
         job.save_output(name, dataset)
     events.message(f"done: {result.selection.kept} confident, {result.selection.rejected} rejected; "

@@ -16,6 +16,7 @@ def main(args):
     out, pred = steps.predict(ps, args.model, device=args.device, batch=args.batch, tta=args.tta, workers=args.workers)
     if out is None:  # a non-zero rank of a distributed run: rank 0 writes the merged output
         return
-    written = steps.write_predictions(out, args.out, args.particles, args.format, project_dir=args.project_dir)
+    written = steps.write_predictions(out, args.out, args.particles, args.format, project_dir=args.project_dir,
+                                      domain_check=pred.domain_check)
     print(f"predicted {len(ps)} particles in {pred.seconds:.1f} s ({pred.particles_per_second:,.0f} particles/s) "
           f"-> {', '.join(map(str, written))}")

@@ -23,13 +23,15 @@ from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit, trace_
 @dataclasses.dataclass
 class Prediction:
     """Per-particle results: quat (N, 4), evals (N, 4) or None (heads without them), dispersions {'max','trace'},
-    fom (N,), and the throughput."""
+    fom (N,), and the throughput; ``domain_check``: whether the model fits these particles (infer.domain, set by
+    pipeline.steps.predict)."""
 
     quat: np.ndarray
     evals: np.ndarray | None
     dispersion: dict
     fom: np.ndarray
     seconds: float
+    domain_check: dict | None = None
 
     @property
     def particles_per_second(self) -> float:
@@ -53,7 +55,8 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
             events: Events | None = None, workers: int = -1) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
-    Images are preprocessed on ``device``. Under torchrun each process predicts its block and rank 0 returns the
+    Images are preprocessed on ``device`` by the model's own preprocessing, its whitening (--whiten) by the noise
+    spectrum stored at training included: prediction never re-estimates it. Under torchrun each process predicts its block and rank 0 returns the
     merged result in row order; the other ranks return None."""
     runtime.init_from_env()
     device = runtime.local_device(torch.device(device) if device is not None else torch.device("cpu"))

@@ -1,8 +1,11 @@
 """Image preprocessing shared by training and prediction (an nn.Module saved with the model).
 
-(B, N, N) raw particle images -> Fourier crop to the training box -> soft circular mask (0.85 -> 0.99 of the
-half-box, the paper's window) -> standardisation with statistics measured on the training set -> blurring
-layer: the image plus a bank of low-pass (default) or Gaussian filtered copies as channels: (B, C, box, box).
+(B, N, N) raw particle images -> Fourier crop to the training box -> whitening (--whiten: each Fourier component
+divided by the noise amplitude of its shell, the spectrum estimated on the training particles and stored in the
+module's state, so prediction applies exactly the training's filter; off: nothing) -> soft circular mask (0.85 ->
+0.99 of the half-box, the paper's window) -> standardisation with statistics measured on the training set ->
+blurring layer: the image plus a bank of low-pass (default) or Gaussian filtered copies as channels:
+(B, C, box, box).
 With ``phase_flip`` a last channel holds the phase-flipped image (``phase_flipped``: the raw image with its
 Fourier components multiplied by the sign of its CTF), cropped, masked and standardised like the image; the caller
 computes it on the raw grid (before any in-plane rotation, which it then applies to both) and passes it as
@@ -18,10 +21,14 @@ from torch import nn
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.fourier import fft2c, ifft2c, radius_2d, shift_phase, soft_circular_mask
+from cryoforum_plugin.physics.noise import background_noise_spectrum, relative_spectrum, spectrum_colour, whiten
 from cryoforum_plugin.physics.resample import resample
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
+BACKGROUND_RADIUS = 0.375  # the whitening's noise estimate: outside this radius (fraction of the box; RELION's
+# default background circle, a diameter of 75 % of the box)
+COLOURED = 2.0  # --whiten auto whitens when the estimated spectrum's largest / smallest shell exceeds this
 
 
 class Preprocess(nn.Module):
@@ -36,6 +43,8 @@ class Preprocess(nn.Module):
         self.register_buffer("mask", soft_circular_mask(box, 0.85, 0.99))
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
+        # (box//2 + 1,) relative noise spectrum (unit mean over the grid) the images are whitened by; empty: none
+        self.register_buffer("noise_spectrum", torch.zeros(0))
         r = radius_2d(box) / (box / 2)  # fraction of Nyquist
         if blur == "lowpass":  # soft-edged low-pass filters (raised cosine over 10 % of the cut-off)
             bank = [(0.5 + 0.5 * torch.cos(np.pi * ((r - f) / (0.1 * f)).clamp(0, 1))) for f in LOWPASS_FRACTIONS]
@@ -50,9 +59,26 @@ class Preprocess(nn.Module):
     def channels(self) -> int:
         return 1 + self.bank.shape[0] + int(self.phase_flip)
 
+    @property
+    def whitens(self) -> bool:
+        """Whether the images are whitened (a noise spectrum is stored)."""
+        return self.noise_spectrum.numel() > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The stored noise spectrum's size varies (empty: no whitening); models saved before it existed load
+        without whitening."""
+        key = prefix + "noise_spectrum"
+        state_dict.setdefault(key, torch.zeros(0))
+        self.noise_spectrum = torch.empty_like(state_dict[key], device=self.mask.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def crop_and_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N, N) -> (B, box, box): Fourier crop (or pad) and soft circular mask, before standardisation."""
-        return resample(images.float(), self.box, 2) * self.mask
+        """(B, N, N) -> (B, box, box): Fourier crop (or pad), whitening when a spectrum is stored, and soft
+        circular mask, before standardisation."""
+        x = resample(images.float(), self.box, 2)
+        if self.whitens:
+            x = whiten(x, self.noise_spectrum)
+        return x * self.mask
 
     def forward(self, images: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
         """``flipped``: (B, N, N) ``phase_flipped`` images, required when the module was built with phase_flip."""
@@ -69,11 +95,39 @@ class Preprocess(nn.Module):
             channels.append(((self.crop_and_mask(flipped) - self.mean) / self.std)[:, None])
         return channels[0] if len(channels) == 1 else torch.cat(channels, dim=1)
 
-    def fit(self, images: torch.Tensor) -> None:
-        """Set the standardisation statistics from a sample of raw training images (B, N, N)."""
+    def fit(self, images: torch.Tensor, whiten: str = "off") -> dict | None:
+        """Set the whitening (``whiten``: 'on', 'off', or 'auto': on when the noise is coloured, see
+        ``fit_whitening``) and then the standardisation statistics from a sample of raw training images (B, N, N).
+        Returns ``fit_whitening``'s record, None with 'off'."""
+        record = None if whiten == "off" else self.fit_whitening(images, whiten == "on")
         x = self.crop_and_mask(images)
         self.mean.fill_(float(x.mean()))
         self.std.fill_(float(x.std().clamp_min(1e-8)))
+        return record
+
+    def fit_whitening(self, images: torch.Tensor, force: bool = True) -> dict:
+        """Estimate the noise spectrum of raw images (B, N, N) at the model box (``physics.noise.
+        background_noise_spectrum`` outside BACKGROUND_RADIUS of the box, after the Fourier crop) and store it,
+        normalised to unit mean over the grid, when ``force`` or when it is coloured (``spectrum_colour`` >
+        COLOURED); else store none. Shells past the images' own Nyquist (a Fourier-padded box) take the last
+        measured shell. Returns {"applied", "colour", "spectrum" (the relative spectrum, list)}."""
+        x = resample(images.float(), self.box, 2)
+        spectrum = background_noise_spectrum(x, BACKGROUND_RADIUS * self.box)
+        if not (np.all(np.isfinite(spectrum)) and spectrum.max() > 0):
+            from cryoforum_plugin.errors import CryoforumError
+
+            raise CryoforumError("--whiten: the training particles have no measurable noise outside the particle "
+                                 f"circle (radius {BACKGROUND_RADIUS:g} of the box) to whiten by.",
+                                 fix="train with --whiten off (noise-free or masked particles).")
+        measured = min(images.shape[-1], self.box) // 2 + 1
+        spectrum[measured:] = spectrum[measured - 1]
+        relative = relative_spectrum(spectrum, self.box, 1.0)
+        colour = spectrum_colour(relative)
+        applied = bool(force or colour > COLOURED)
+        device = self.mask.device
+        self.noise_spectrum = torch.as_tensor(relative, dtype=torch.float32, device=device) if applied else \
+            torch.zeros(0, device=device)
+        return {"applied": applied, "colour": round(colour, 3), "spectrum": [round(float(v), 6) for v in relative]}
 
 
 def phase_flipped(raw: torch.Tensor, ctf: dict, rows, pixel_size) -> torch.Tensor:

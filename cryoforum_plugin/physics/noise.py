@@ -59,6 +59,30 @@ def coloured_noise(n: int, box: int, spectrum, generator: torch.Generator | None
     return ifft2c(fft2c(white) * amp).real
 
 
+def whitening_filter(spectrum, box: int, device=None) -> torch.Tensor:
+    """(box, box) centred 1/sqrt(S) of a (box//2 + 1,) per-shell spectrum S (module convention, image units²):
+    multiplying fft2c(images) by it turns noise of spectrum S into white noise of unit variance. Pixels with
+    (near) zero power are capped at 1e-6 × the spectrum's mean over the grid."""
+    s = spectrum_2d(spectrum, box, device)
+    return torch.maximum(s, 1e-6 * s.mean() + 1e-30).rsqrt()
+
+
+def whiten(images: torch.Tensor, spectrum) -> torch.Tensor:
+    """(B, N, N) real images -> (B, N, N) float32: every Fourier component divided by the noise amplitude
+    sqrt(S[k]) of its shell (``whitening_filter``), S = ``spectrum`` ((N//2 + 1,) array or tensor, module
+    convention). Noise of spectrum S comes out white with unit variance; with S normalised to unit mean over the
+    grid (``relative_spectrum``) the noise keeps its per-pixel variance and a flat S leaves the images unchanged."""
+    w = whitening_filter(spectrum, images.shape[-1], images.device)
+    return ifft2c(fft2c(images.to(torch.float32)) * w).real
+
+
+def spectrum_colour(spectrum) -> float:
+    """How far a (K,) per-shell noise spectrum is from white: its largest over its smallest shell, shells
+    1 ... K-1 (shell 0, the images' mean, left out); 1 for white noise."""
+    s = np.asarray(spectrum, dtype=np.float64).reshape(-1)[1:]
+    return float(s.max() / max(s.min(), 1e-30 * max(s.max(), 1e-30)))
+
+
 @dataclasses.dataclass
 class NoiseModel:
     """Radial noise and signal power spectra (K = box//2 + 1 shells, module convention) of a particle set.
@@ -94,10 +118,9 @@ class NoiseModel:
         return coloured_noise(n, self.box, self.spectrum, generator, device)
 
     def whitening_filter(self, device=None) -> torch.Tensor:
-        """(box, box) centred 1/sqrt(spectrum): multiply fft2c(images) by it to whiten the noise (unit variance).
-        Shells with (near) zero power are capped at 1e-6 × the mean power."""
-        s = self.spectrum_2d(device)
-        return 1.0 / s.clamp(min=1e-6 * float(np.mean(self.spectrum)) + 1e-30).sqrt()
+        """(box, box) centred 1/sqrt(spectrum) (module function ``whitening_filter``): multiply fft2c(images) by it
+        to whiten the noise (unit variance)."""
+        return whitening_filter(self.spectrum, self.box, device)
 
     def resampled(self, box: int, pixel_size: float) -> "NoiseModel":
         """The same noise described on another grid (box px at pixel_size Å): spectra interpolated at the same

@@ -145,7 +145,8 @@ def write_outputs(result: PipelineResult, out_dir, input_path, opts: argparse.Na
     nodes: list[tuple[str, str]] = []
     if result.training is not None:
         nodes.append((str(ModelDir(result.model_dir).best_path), "model"))
-    written = write_predictions(result.predicted, out, input_path, fmt, project_dir=project_dir)
+    written = write_predictions(result.predicted, out, input_path, fmt, project_dir=project_dir,
+                                domain_check=result.prediction.domain_check)
     nodes += [(str(p), "particles") for p in written if not p.stem.endswith("_uncertainty")]
     if result.refined is not None:
         written = write_refined(result.refined, result.refinement, out, input_path, fmt, project_dir=project_dir,

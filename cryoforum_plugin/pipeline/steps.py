@@ -54,13 +54,56 @@ def train(ps: ParticleSet, model_dir, config: TrainConfig, *, device="auto", res
     if trainer.rank == 0:
         events.message(f"best validation median error {summary['best_val_median_rad']:.4f} rad "
                        f"({np.degrees(summary['best_val_median_rad']):.2f}°) -> {ModelDir(model_dir).best_path}")
+    write_domain_reference(ps, model_dir, device=device, events=events)
     return summary
+
+
+def write_domain_reference(ps: ParticleSet, model_dir, *, device="auto", events: Events | None = None) -> None:
+    """domain.json in ``model_dir``: the statistics of the trained model's validation particles (rows of ``ps``,
+    the training set) that ``domain_check`` compares new particles with (``infer.domain.domain_reference``).
+    Every torchrun rank calls it (the prediction is shared); rank 0 writes."""
+    from cryoforum_plugin.infer.domain import domain_reference
+
+    reference = domain_reference(ps, model_dir, device=resolve_device(device))
+    if reference is not None:
+        model = ModelDir(model_dir)
+        model.write_domain(reference)
+        (events or Events()).message(f"[cryo-forum] domain check reference: {reference['particles']} "
+                                     f"{reference['split']} particles -> {model.domain_path}")
+
+
+def domain_check(ps: ParticleSet, pred: Prediction, model_dir, *, device="auto",
+                 events: Events | None = None) -> dict:
+    """Whether the model in ``model_dir`` fits the predicted particles ``ps`` (``pred`` their prediction): their
+    statistics against the model's domain.json (``infer.domain.check_domain``; a model without one: fits None,
+    cannot judge), with 'model' added. One line through ``events``, starting 'WARNING:' when it does not fit."""
+    from cryoforum_plugin.infer.domain import check_domain, particle_statistics, summary_line
+
+    model = ModelDir(model_dir)
+    reference = model.domain()
+    stats = (particle_statistics(ps, pred.fom, pred.evals is not None, model, device=resolve_device(device))
+             if reference is not None else {"particles": len(ps)})
+    check = {**check_domain(reference, stats), "model": str(model.path)}
+    (events or Events()).message(summary_line(check))
+    return check
+
+
+def write_predict_json(out_dir, fields: dict) -> Path:
+    """predict.json in ``out_dir`` (atomic): ``fields`` (JSON-able) merged into the object it already holds."""
+    path = Path(out_dir) / "predict.json"
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    write_text(path, json.dumps({**(old if isinstance(old, dict) else {}), **fields}, indent=2))
+    return path
 
 
 def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta: int = 1, workers: int = -1,
             events: Events | None = None) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
     """Predicted poses and uncertainty for every particle: (the set with predicted poses and the uncertainty
-    columns, the raw Prediction). Under torchrun the non-zero ranks return (None, None)."""
+    columns, the raw Prediction, whose ``domain_check`` says whether the model fits them: ``domain_check``).
+    Under torchrun the non-zero ranks return (None, None)."""
     from cryoforum_plugin.infer.predict import predict as run_prediction
 
     ps.validate_images()
@@ -68,12 +111,14 @@ def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta:
                           workers=workers)
     if pred is None:
         return None, None
+    pred.domain_check = domain_check(ps, pred, model_dir, device=device, events=events)
     return with_predictions(ps, pred), pred
 
 
 def write_predictions(ps: ParticleSet, out_dir, input_path, fmt: str = "auto", stem: str = "predicted",
-                      project_dir=None) -> list[Path]:
-    """Write a predicted set as STAR and/or .cs (+ the uid-keyed uncertainty sidecar beside a .cs)."""
+                      project_dir=None, domain_check: dict | None = None) -> list[Path]:
+    """Write a predicted set as STAR and/or .cs (+ the uid-keyed uncertainty sidecar beside a .cs), and with
+    ``domain_check`` (``Prediction.domain_check``) predict.json beside them (``write_predict_json``)."""
     written = []
     for path in output_paths(input_path, out_dir, stem, fmt):
         write_particles(ps, path, relative_to=Path(out_dir).resolve(), project_dir=project_dir)
@@ -83,6 +128,8 @@ def write_predictions(ps: ParticleSet, out_dir, input_path, fmt: str = "auto", s
             with atomic_path(side) as tmp:
                 uncertainty_dataset(ps).save(str(tmp))
             written.append(side)
+    if domain_check is not None:
+        write_predict_json(out_dir, {"domain_check": domain_check})
     return written
 
 

@@ -51,6 +51,8 @@ class TrainConfig:
     distance_loss: str = _D["distance_loss"]
     l2_head: bool = _D["l2_head"]
     phase_flip: bool = _D["phase_flip"]
+    whiten: str = _D["whiten"]
+    balance_views: bool = _D["balance_views"]
 
     def __post_init__(self):
         if self.from_map is not None:

@@ -2,10 +2,12 @@
 
 Layout of MODEL_DIR (every file written atomically):
   config.json   {"cryoforum_version", "config": TrainConfig as a dict, "particles", "n_particles", "input_box",
-                 "input_pixel_size", "model_pixel_size", "device", "torch"}
+                 "input_pixel_size", "model_pixel_size", "device", "torch"; with --whiten on|auto "whitening":
+                 {"option", "applied", "colour", "spectrum"}; with --balance-views "view_balance"}
   split.json    {"train"|"val"|"test": {"rows": [...], "uids": [...]}}  rows of the training file, uids to match
-  best.pt       torch dict: config, preprocess (state dict), model (state dict), epoch, best (validation median
-                error, rad), trace_scale (median |eq. 7 trace| on the validation set, for the figure of merit)
+  best.pt       torch dict: config, preprocess (state dict, with the whitening's noise_spectrum), model (state
+                dict), epoch, best (validation median error, rad), trace_scale (median |eq. 7 trace| on the
+                validation set, for the figure of merit)
   last.pt       best.pt's keys plus optimizer, scheduler, log, gen, torch_rng (for --resume)
   log.csv       one row per epoch (epoch, loss, train/val median error, lr, beta1, beta2, seconds, grad norm,
                 step = optimiser steps so far, synthetic = 1 for pre-training rows, snr = their simulated SNR,
@@ -16,6 +18,7 @@ Layout of MODEL_DIR (every file written atomically):
                 "half_map_fsc_0.143_A", "data_snr" (measured), "snr" (simulated), "snr_start", "noise_model"
                 (noise.NoiseModel.to_dict()), ...}
   training_map.mrc  the FSC-weighted reconstruction of the training split (when no map was given)
+  domain.json   statistics of the validation particles for the domain check (infer.domain.domain_reference)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from cryoforum_plugin.train.config import TrainConfig, build
 
 CONFIG, SPLIT, BEST, LAST, LOG = "config.json", "split.json", "best.pt", "last.pt", "log.csv"
 SYNTHETIC, TRAINING_MAP = "synthetic.json", "training_map.mrc"
+DOMAIN = "domain.json"
 
 
 class ModelDir:
@@ -101,6 +105,18 @@ class ModelDir:
     def best_path(self) -> Path:
         """The trained model (best.pt): what prediction loads and what a job hands on as its model node."""
         return self.path / BEST
+
+    @property
+    def domain_path(self) -> Path:
+        """domain.json: the validation particles' statistics the domain check compares new particles with."""
+        return self.path / DOMAIN
+
+    def write_domain(self, stats: dict) -> None:
+        write_text(self.domain_path, json.dumps(stats, indent=1))
+
+    def domain(self) -> dict | None:
+        """domain.json, or None for a model trained before the domain check."""
+        return json.loads(self.domain_path.read_text()) if self.domain_path.exists() else None
 
     @property
     def last_path(self) -> Path:

@@ -6,7 +6,8 @@ reconstruction of the TRAINING split at its poses, FSC-weighted from its half-ma
 orientations, with the CTFs and shifts of the training particles and Gaussian noise of the spectrum measured on
 the training particles against that map (noise.estimate_noise_spectrum), at the measured SNR (or
 ``synthetic_snr``; ``synthetic_snr_start`` anneals from another one over the first ``synthetic_snr_anneal`` of the
-pre-training steps). The Trainer runs the steps with the same preprocessing, augmentations, loss and one
+pre-training steps). The Trainer runs the steps with the same preprocessing (the --whiten filter included, so
+the synthetic particles' coloured noise is whitened as the real particles' is), augmentations, loss and one
 learning-rate schedule as the real epochs that follow.
 
 With ``time_budget`` (minutes) the first BUDGET_CALIBRATION_STEPS pre-training steps are timed and

@@ -6,7 +6,10 @@ over every step (T = ``total_steps``). With ``pretrain_steps`` > 0 the first ste
 synthetic particles simulated from a map, sized by --time-budget when given (pretrain.py); then come ``epochs``
 on the real particles. Validation is on the real validation particles throughout: one log row (log.csv) and one
 checkpoint (last.pt, best.pt when the validation error improved) per real epoch or per ``pretrain_log_every``
-pre-training steps, and ``resume`` continues from last.pt.
+pre-training steps, and ``resume`` continues from last.pt. ``whiten`` fixes the input whitening from the training
+particles (nn.preprocess.Preprocess.fit, stored with the model; real and synthetic images go through it alike);
+``balance_views`` draws the particles of every real epoch with views.view_balance_weights (with replacement; the
+epoch keeps its number of steps) instead of a permutation.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cryoforum_plugin.progress import Events, Progress
 from cryoforum_plugin.train.config import TrainConfig, build
 from cryoforum_plugin.train.losses import curriculum, grid_loss, siamese_loss
 from cryoforum_plugin.train.pretrain import BUDGET_CALIBRATION_STEPS, Pretraining
+from cryoforum_plugin.train.views import view_balance_weights
 from cryoforum_plugin.nn.uncertainty import trace_scale
 
 GRAD_CLIP = 10.0  # global gradient-norm clip: eigh's backward can spike when eigenvalues nearly coincide
@@ -83,10 +87,15 @@ class Trainer:
         self.source = ImageSource(ps, cache_bytes=cache_gb * 1e9)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
-        sample = self.source.batch(self.split["train"][: min(2000, len(self.split["train"]))])
+        rows = self.split["train"][: min(2000, len(self.split["train"]))]
+        sample = to_model_grid(self.source.batch(rows), ps.pixel_size[rows], float(ps.pixel_size[0]), int(ps.box[0]))
         self.pre, self.net = build(config)
-        self.pre.fit(sample)
+        self.whitening = self.pre.fit(sample, config.whiten)  # config.json's record (None with --whiten off)
         self.pre.to(device)
+        self.view_weights, self.view_balance = None, None
+        if config.balance_views:  # the real epochs' sampling probabilities over the training split
+            weights, self.view_balance = view_balance_weights(ps.quat[self.split["train"]], config.sym)
+            self.view_weights = torch.as_tensor(weights, dtype=torch.float64)
         self.net.to(device)
         self.model = self.net  # the bare network (checkpoints, L2); self.net may be its DDP wrapper
         if self.world > 1:
@@ -279,12 +288,16 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0:
             self._write_meta()
+            self._announce_levers()
         if self.pretrain_step < cfg.pretrain_steps:
             self._pretrain()
         while self.epoch < cfg.epochs:
             t0 = time.time()
             self.net.train()
-            perm = self.split["train"][torch.randperm(len(self.split["train"]), generator=self.gen).numpy()]
+            n = len(self.split["train"])
+            order = (torch.randperm(n, generator=self.gen) if self.view_weights is None else
+                     torch.multinomial(self.view_weights, n, replacement=True, generator=self.gen))
+            perm = self.split["train"][order.numpy()]
             perm = perm[: self.per_rank * self.world][self.rank::self.world]  # same permutation on every rank
             bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress,
                            events=self.events)
@@ -306,6 +319,19 @@ class Trainer:
         self.source.close()
         return {"best_val_median_rad": self.best, "epochs": self.epoch, "log": self.log}
 
+    def _announce_levers(self) -> None:
+        """One line each for --whiten and --balance-views when they are not off (what config.json records)."""
+        if self.whitening is not None:
+            w = self.whitening
+            self.events.message(f"[cryo-forum] whitening ({self.cfg.whiten}): {'on' if w['applied'] else 'off'}; "
+                                f"noise colour of the training particles {w['colour']:.2f} (largest / smallest "
+                                f"shell of the power outside the particle circle)")
+        if self.view_balance is not None:
+            v = self.view_balance
+            self.events.message(f"[cryo-forum] balanced views: {v['occupied']} of {v['bins']} viewing-direction bins "
+                                f"occupied, the largest holds {v['largest_bin_fraction']:.1%} of the training "
+                                f"particles; each occupied bin is drawn equally often")
+
     # ------------------------------------------------------------------ files (the layout: model_dir.py)
     def _write_meta(self) -> None:
         meta = {"cryoforum_version": __version__, "config": dataclasses.asdict(self.cfg),
@@ -315,6 +341,10 @@ class Trainer:
                 "device": str(self.device), "torch": torch.__version__}
         if self.cfg.pretrain_steps:
             meta["synthetic"] = "synthetic.json"
+        if self.whitening is not None:
+            meta["whitening"] = {"option": self.cfg.whiten, **self.whitening}
+        if self.view_balance is not None:
+            meta["view_balance"] = self.view_balance
         self.out.write_meta(meta)
         self.out.write_split(self.split, self.ps.uid)
 
