@@ -122,6 +122,8 @@ def test_directory_stream_survives_sigkill_and_restart(pretrained_from_map, stre
     status = json.loads((out / "status.json").read_text())
     assert status["particles_done"] == len(ps) and status["confident"] + status["rejected"] == len(ps)
     assert status["resolution_A"] is not None and status["map_particles"] == status["confident"]
+    assert "fits" in status["domain_check"]  # the last batch's domain check, also beside predicted.star:
+    assert json.loads((out / "predict.json").read_text())["domain_check"] == status["domain_check"]
     assert (out / "confident_map.mrc").exists() and (out / "confident_map_half2.mrc").exists()
     assert not list((out / "watch_state" / "batches").glob("*.part"))
 

@@ -299,4 +299,7 @@ class Watcher:
             "waiting_for": [str(p) for p in self.source.waiting], "problems": dict(self.source.problems)}
 
     def _write_status(self) -> None:
+        """status.json, and predict.json's domain check of the last batch next to predicted.star (as a job's)."""
         write_text(self.out / "status.json", json.dumps(self.status(), indent=2, default=str))
+        if self.last.get("domain_check") is not None:
+            steps.write_predict_json(self.out, {"domain_check": self.last["domain_check"]})
