@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cryoforum_plugin.physics import rotations  # noqa: E402
+from cryoforum_plugin.physics.noise import relion_bg_radius, relion_normalise  # noqa: E402
 from cryoforum_plugin.data import DEFAULT_MAP  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
 from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
@@ -265,7 +266,7 @@ def corrupt_relion_set(d: Path, clean: torch.Tensor, parts: pd.DataFrame, optics
     for lo in range(0, n, 1000):
         chunk = rows[lo:lo + 1000]
         img = background.add(clean[chunk], chunk)
-        out.append(realism.relion_normalise(img, realism.relion_bg_radius(box)) if real else img)
+        out.append(relion_normalise(img, relion_bg_radius(box)) if real else img)
     write_mrc(d / "parts.mrcs", torch.cat(out).numpy(), apix)
     parts = parts.assign(rlnImageName=[f"{i + 1:06d}@parts.mrcs" for i in range(n)])
     if b is not None:
@@ -334,7 +335,7 @@ def set_summary(set_dir: Path) -> dict:
     stack = np.asarray(mrcfile.mmap(set_dir / "parts.mrcs").data[:200], dtype=np.float64)
     box = stack.shape[-1]
     yy, xx = np.mgrid[:box, :box] - box // 2
-    bg = stack[:, np.hypot(xx, yy) > realism.relion_bg_radius(box)]
+    bg = stack[:, np.hypot(xx, yy) > relion_bg_radius(box)]
     out = {"set": str(set_dir), "particles": n, "junk": {JUNK_KINDS[k]: int((junk == k).sum()) for k in JUNK_KINDS
                                                          if (junk == k).any()},
            "background_mean_std_first_200": [float(bg.mean(1).mean()), float(bg.std(1).mean())]}

@@ -20,6 +20,7 @@ from cryoforum_plugin.formats.star import read_star
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.fourier import as_tensor, fft2c, grid_2d, pad_real, radius_2d
+from cryoforum_plugin.physics import noise
 from cryoforum_plugin.physics.noise import radial_power
 from cryoforum_plugin.physics.projector import Projector
 from cryoforum_plugin.physics.resample import resized_map
@@ -77,7 +78,7 @@ def _ramped(n=6, seed=0):
 
 
 def test_relion_normalisation_zeroes_the_background_ramp_mean_and_unit_std():
-    x = realism.relion_normalise(torch.from_numpy(_ramped()), 12.0)
+    x = noise.relion_normalise(torch.from_numpy(_ramped()), 12.0)
     bg = radius_2d(BOX) > 12.0
     v = x[:, bg].double()
     assert v.mean(1).abs().max() < 1e-5 and (v.std(1, correction=0) - 1).abs().max() < 1e-5
@@ -94,7 +95,7 @@ def test_relion_normalisation_equals_relion_preprocess(tmp_path):
     subprocess.run(["relion_preprocess", "--operate_on", "in.mrcs", "--operate_out", "out.mrcs", "--norm",
                     "--bg_radius", "12"], cwd=tmp_path, check=True, capture_output=True)
     relion = mrcfile.read(tmp_path / "out.mrcs")
-    ours = realism.relion_normalise(torch.from_numpy(images), 12.0).numpy()
+    ours = noise.relion_normalise(torch.from_numpy(images), 12.0).numpy()
     assert np.abs(ours - relion).max() < 1e-4 * np.abs(relion).max()
 
 

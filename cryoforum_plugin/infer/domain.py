@@ -3,7 +3,7 @@
 A model trained on one data set is reused on the next; before its poses are trusted, the new particles are
 compared with the model's validation particles. ``particle_statistics`` summarises a set on the model's input grid
 (each image brought there by ``nn.preprocess.to_model_grid``, then normalised as RELION extracts: the background
-outside a circle of ``BACKGROUND_RADIUS`` × box to mean 0 and standard deviation 1):
+outside RELION's default background circle, ``physics.noise.relion_bg_radius``, to mean 0 and standard deviation 1):
 
 - ``signal`` {'mean', 'sd'} (K,) over the images, K = box//2 + 1 shells (``physics.noise`` convention): each
   image's radial power spectrum less its background's (``noise.background_noise_spectrum``): the particle's
@@ -32,12 +32,13 @@ from cryoforum_plugin.formats.loader import ImageSource
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.infer.predict import predict
 from cryoforum_plugin.nn.preprocess import to_model_grid
-from cryoforum_plugin.physics.fourier import fft2c, radius_2d
-from cryoforum_plugin.physics.noise import background_noise_spectrum, n_shells, shell_index
+from cryoforum_plugin.physics.fourier import fft2c
+from cryoforum_plugin.physics.noise import (
+    background_noise_spectrum, relion_bg_radius, relion_normalise, shell_means,
+)
 from cryoforum_plugin.train.model_dir import ModelDir
 
 VERSION = 1
-BACKGROUND_RADIUS = 0.375  # × box: RELION's default background radius for normalisation (75 % of half the box)
 MAX_PARTICLES = 2000  # particles whose images are summarised (chosen at random, seed 0): bounded cost
 FOM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 FOM_BINS = 100
@@ -52,26 +53,6 @@ THRESHOLDS = {
     "defocus": 0.25,  # fraction of particles outside the training defocus range widened by 10 %
     "pixel_size": 0.02,  # relative difference of pixel size: noted, not failed (prediction resamples)
 }
-
-
-def shell_means(values: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) values on a centred grid -> (B, K) per-image means over the rings k = round(radius) (K = N//2 + 1;
-    the corners beyond N//2 left out), float64."""
-    n = values.shape[-1]
-    k = n_shells(n)
-    idx = shell_index(n, values.device).reshape(-1)
-    keep = idx < k
-    flat = values.reshape(values.shape[0], -1)[:, keep].to(torch.float64)
-    sums = torch.zeros(values.shape[0], k, dtype=torch.float64, device=values.device).index_add_(1, idx[keep], flat)
-    return sums / torch.bincount(idx[keep], minlength=k).to(torch.float64)
-
-
-def normalise_background(images: torch.Tensor, radius: float) -> torch.Tensor:
-    """(B, N, N) -> (B, N, N): each image minus the mean of its pixels outside ``radius`` px, divided by their
-    standard deviation (RELION's normalisation at extraction)."""
-    outside = radius_2d(images.shape[-1], images.device) > radius
-    bg = images[:, outside]
-    return (images - bg.mean(1)[:, None, None]) / bg.std(1).clamp(min=1e-12)[:, None, None]
 
 
 def _curve(per_image: torch.Tensor) -> dict:
@@ -97,12 +78,13 @@ def image_statistics(ps: ParticleSet, grid_pixel: float, grid_box: int, *, devic
     rows = np.arange(len(ps))
     if len(rows) > max_particles:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_particles, replace=False))
-    radius = BACKGROUND_RADIUS * grid_box
+    radius = relion_bg_radius(grid_box)
     source = ImageSource(ps, cache_bytes=0)
     signal, noise = [], []
     try:
         for r, raw in source.batches(rows, batch):
-            x = normalise_background(to_model_grid(raw.to(device), ps.pixel_size[r], grid_pixel, grid_box), radius)
+            x = relion_normalise(to_model_grid(raw.to(device), ps.pixel_size[r], grid_pixel, grid_box), radius,
+                                  ramp=False)
             bg = torch.stack([torch.as_tensor(background_noise_spectrum(x[i:i + 1], radius)) for i in range(len(x))])
             signal.append(shell_means(fft2c(x).abs() ** 2 / grid_box**2).cpu() - bg)
             noise.append(bg)

@@ -21,13 +21,13 @@ from torch import nn
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.fourier import fft2c, ifft2c, radius_2d, shift_phase, soft_circular_mask
-from cryoforum_plugin.physics.noise import background_noise_spectrum, relative_spectrum, spectrum_colour, whiten
+from cryoforum_plugin.physics.noise import (
+    background_noise_spectrum, relative_spectrum, relion_bg_radius, spectrum_colour, whiten,
+)
 from cryoforum_plugin.physics.resample import resample
 
 LOWPASS_FRACTIONS = (0.5, 0.25, 0.125)  # cut-offs as fractions of Nyquist
 GAUSSIAN_SIGMAS = (1.0, 2.0, 4.0)  # pixels of the training box
-BACKGROUND_RADIUS = 0.375  # the whitening's noise estimate: outside this radius (fraction of the box; RELION's
-# default background circle, a diameter of 75 % of the box)
 COLOURED = 2.0  # --whiten auto whitens when the estimated spectrum's largest / smallest shell exceeds this
 
 
@@ -107,17 +107,17 @@ class Preprocess(nn.Module):
 
     def fit_whitening(self, images: torch.Tensor, force: bool = True) -> dict:
         """Estimate the noise spectrum of raw images (B, N, N) at the model box (``physics.noise.
-        background_noise_spectrum`` outside BACKGROUND_RADIUS of the box, after the Fourier crop) and store it,
-        normalised to unit mean over the grid, when ``force`` or when it is coloured (``spectrum_colour`` >
+        background_noise_spectrum`` outside RELION's background circle ``relion_bg_radius``, after the Fourier crop)
+        and store it, normalised to unit mean over the grid, when ``force`` or when it is coloured (``spectrum_colour`` >
         COLOURED); else store none. Shells past the images' own Nyquist (a Fourier-padded box) take the last
         measured shell. Returns {"applied", "colour", "spectrum" (the relative spectrum, list)}."""
         x = resample(images.float(), self.box, 2)
-        spectrum = background_noise_spectrum(x, BACKGROUND_RADIUS * self.box)
+        spectrum = background_noise_spectrum(x, relion_bg_radius(self.box))
         if not (np.all(np.isfinite(spectrum)) and spectrum.max() > 0):
             from cryoforum_plugin.errors import CryoforumError
 
             raise CryoforumError("--whiten: the training particles have no measurable noise outside the particle "
-                                 f"circle (radius {BACKGROUND_RADIUS:g} of the box) to whiten by.",
+                                 f"circle (radius {relion_bg_radius(self.box):g} px) to whiten by.",
                                  fix="train with --whiten off (noise-free or masked particles).")
         measured = min(images.shape[-1], self.box) // 2 + 1
         spectrum[measured:] = spectrum[measured - 1]

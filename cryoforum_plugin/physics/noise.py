@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from cryoforum_plugin.physics.fourier import as_tensor, fft2c, ifft2c, radius_2d
+from cryoforum_plugin.physics.fourier import as_tensor, fft2c, grid_2d, ifft2c, radius_2d
 
 
 def n_shells(box: int) -> int:
@@ -29,16 +29,23 @@ def shell_index(box: int, device=None) -> torch.Tensor:
     return torch.round(radius_2d(box, device)).long()
 
 
+def shell_means(values: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) values on a centred grid -> (B, K) per-image means over the rings k = round(radius) (K = N//2 + 1;
+    the corners beyond N//2 left out), float64."""
+    n = values.shape[-1]
+    k = n_shells(n)
+    idx = shell_index(n, values.device).reshape(-1)
+    keep = idx < k
+    flat = values.reshape(values.shape[0], -1)[:, keep].to(torch.float64)
+    sums = torch.zeros(values.shape[0], k, dtype=torch.float64, device=values.device).index_add_(1, idx[keep], flat)
+    return sums / torch.bincount(idx[keep], minlength=k).to(torch.float64)
+
+
 def radial_power(images: torch.Tensor) -> torch.Tensor:
     """(B, N, N) real images -> (K,) shell means of |fft2c|²/N², averaged over the batch (float64)."""
     n = images.shape[-1]
-    k = n_shells(n)
     power = (fft2c(images.to(torch.float32)).abs() ** 2).sum(0).to(torch.float64) / n**2  # sum over the batch
-    idx = shell_index(n, images.device).reshape(-1)
-    keep = idx < k
-    sums = torch.zeros(k, dtype=torch.float64, device=images.device).index_add_(0, idx[keep], power.reshape(-1)[keep])
-    counts = torch.bincount(idx[keep], minlength=k).to(torch.float64)
-    return sums / counts / max(images.shape[0], 1)
+    return shell_means(power[None])[0] / max(images.shape[0], 1)
 
 
 def spectrum_2d(spectrum, box: int, device=None) -> torch.Tensor:
@@ -266,3 +273,34 @@ def lorentzian_with_bump(k0: float = 1 / 40, bump_at: float = 1 / 12, bump_width
         return 1 / (1 + (s / k0) ** 2) + floor + bump_height * np.exp(-((s - bump_at) ** 2) / (2 * bump_width**2))
 
     return shape
+
+
+def relion_bg_radius(box: int) -> float:
+    """RELION's default background radius (px) when none is given: the extraction job's background circle of 75 %
+    of the box's diameter."""
+    return 0.375 * box
+
+
+def relion_normalise(images: torch.Tensor, bg_radius_px: float, ramp: bool = True) -> torch.Tensor:
+    """(B, N, N) images normalised as ``relion_preprocess --norm --bg_radius R`` does: the background (pixels
+    farther than ``bg_radius_px`` from the centre) to mean 0 and standard deviation 1.
+
+    With ``ramp`` (RELION's default; ``--no_ramp`` turns it off) a plane a + b·x + c·y fitted to the background by
+    least squares is subtracted from the whole image first; without, the background mean. Each image is then
+    divided by its background's standard deviation, so the signal-to-noise ratio of a particle varies with its
+    micrograph's noise level and ice as it does in real data.
+    """
+    x = images.to(torch.float64)
+    n = x.shape[-1]
+    bg = radius_2d(n, x.device) > bg_radius_px
+    if int(bg.sum()) < 4:
+        raise ValueError(f"no background outside a radius of {bg_radius_px} px in a {n}-px box")
+    ky, kx = grid_2d(n, x.device)
+    design = torch.stack([torch.ones_like(kx), kx, ky], -1).to(torch.float64)  # (N, N, 3)
+    if not ramp:
+        design = design[..., :1]
+    coef = torch.linalg.lstsq(design[bg], x[:, bg].T).solution  # (3, B)
+    x = x - torch.einsum("yxk,kb->byx", design, coef)
+    values = x[:, bg]
+    x = (x - values.mean(1)[:, None, None]) / values.std(1, correction=0).clamp(min=1e-30)[:, None, None]
+    return x.to(images.dtype)

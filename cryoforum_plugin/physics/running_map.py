@@ -28,9 +28,10 @@ class RunningMap:
         self.group = symmetry.group_quats(sym) if symmetry.order(sym) > 1 else None
         self.particles = 0
 
-    def insert(self, ps: ParticleSet, batch: int = 256) -> None:
+    def insert(self, ps: ParticleSet, batch: int = 256, weights=None, bar=None) -> None:
         """Add every particle of ``ps`` (poses required; its pixel size and box must be the map's) to the sums of
-        its half-set, CTF-weighted as ``reconstruct.reconstruct``."""
+        its half-set, CTF-weighted (``projector.Backprojector.insert``). ``weights``: optional (N,) per-particle
+        weights (0 leaves a particle out); ``bar``: a ``progress.Progress`` advanced by each batch."""
         if len(ps) == 0:
             return
         if not ps.has_poses.all():
@@ -39,18 +40,24 @@ class RunningMap:
                                  fix="insert refined or predicted particles.")
         apix, box = self.check(ps)
         half = half_sets(ps)
+        w_all = None if weights is None else np.asarray(weights, dtype=np.float64)
         with StackReader() as reader:
             for lo in range(0, len(ps), batch):
                 rows = np.arange(lo, min(len(ps), lo + batch))
-                images = ps.read_images(reader, rows)
-                ctf = None if ps.ctf is None else ctf_images(ps.ctf, rows, box, ps.pixel_size[rows], self.device)
-                for h, accumulator in self.halves.items():
-                    sel = half[rows] == h
-                    if sel.any():
-                        accumulator.insert(images[sel], ps.quat[rows[sel]], ps.shift_A[rows[sel]] / apix,
-                                           None if ctf is None else ctf[torch.as_tensor(sel, device=self.device)],
-                                           group=self.group)
-        self.particles += len(ps)
+                if w_all is not None:
+                    rows = rows[w_all[rows] > 0]
+                if len(rows):
+                    images = ps.read_images(reader, rows)
+                    ctf = None if ps.ctf is None else ctf_images(ps.ctf, rows, box, ps.pixel_size[rows], self.device)
+                    for h, accumulator in self.halves.items():
+                        sel = half[rows] == h
+                        if sel.any():
+                            accumulator.insert(images[sel], ps.quat[rows[sel]], ps.shift_A[rows[sel]] / apix,
+                                               None if ctf is None else ctf[torch.as_tensor(sel, device=self.device)],
+                                               weights=None if w_all is None else w_all[rows[sel]], group=self.group)
+                if bar is not None:
+                    bar.update(min(batch, len(ps) - lo))
+        self.particles += len(ps) if w_all is None else int((w_all > 0).sum())
 
     def check(self, ps: ParticleSet) -> tuple[float, int]:
         """(pixel size Å, box px) of ``ps``; one error naming the file when they are not the map's."""

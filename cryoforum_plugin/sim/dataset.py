@@ -25,6 +25,7 @@ from cryoforum_plugin.physics.noise import relative_spectrum
 from cryoforum_plugin.formats.atomic import write_text
 from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.fourier import as_tensor, radius_3d
+from cryoforum_plugin.physics.noise import relion_bg_radius, relion_normalise
 from cryoforum_plugin.physics.resample import resized_map
 from cryoforum_plugin.formats.mrc import StackWriter
 from cryoforum_plugin.formats.cs import write_cs
@@ -210,7 +211,7 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
         noise_spectrum = realism.noise_shape(noise_bfactor, noise_floor)
     colour = None if noise_spectrum is None else relative_spectrum(noise_spectrum, box, apix)
     background = realism.Background(box, apix, noise_std, colour, level, ice_std, ice_scale, seed, device)
-    bg_radius_px = realism.relion_bg_radius(box) if bg_radius is None else float(bg_radius)
+    bg_radius_px = relion_bg_radius(box) if bg_radius is None else float(bg_radius)
 
     stack_path = out / "particles.mrcs"
     writer = StackWriter(stack_path, n, box, apix)
@@ -220,7 +221,7 @@ def simulate(map_path, out_dir, n: int, box: int, snr: float = 0.1, orientations
             rows = np.arange(lo, min(n, lo + chunk))
             img = background.add(clean(rows), rows)
             if normalise:
-                img = realism.relion_normalise(img, bg_radius_px)
+                img = relion_normalise(img, bg_radius_px)
             writer.write(img.cpu().numpy())
             bar.update(len(rows))
         writer.close()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cryoforum_plugin.physics import rotations
-from cryoforum_plugin.physics.fourier import as_tensor, fft2c, grid_2d, ifft2c, pad_real, radius_2d
+from cryoforum_plugin.physics.fourier import as_tensor, fft2c, ifft2c, pad_real, radius_2d
 from cryoforum_plugin.physics.noise import coloured_noise, relative_spectrum
 
 REALISTIC = {"noise_bfactor": 500.0, "noise_floor": 0.1, "ice_std": 1.0, "ice_scale": 100.0,
@@ -127,38 +127,6 @@ class Background:
             out = out + self.ice_std * scale * ice_background(len(rows), self.box, self.pixel_size, self.ice_scale,
                                                               self.ice_gen, clean.device)
         return out
-
-
-# ---------------------------------------------------------------- extraction: RELION's normalisation
-def relion_bg_radius(box: int) -> float:
-    """RELION's default background radius (px) when none is given: the extraction job's background circle of 75 %
-    of the box's diameter."""
-    return 0.375 * box
-
-
-def relion_normalise(images: torch.Tensor, bg_radius_px: float, ramp: bool = True) -> torch.Tensor:
-    """(B, N, N) images normalised as ``relion_preprocess --norm --bg_radius R`` does: the background (pixels
-    farther than ``bg_radius_px`` from the centre) to mean 0 and standard deviation 1.
-
-    With ``ramp`` (RELION's default; ``--no_ramp`` turns it off) a plane a + b·x + c·y fitted to the background by
-    least squares is subtracted from the whole image first; without, the background mean. Each image is then
-    divided by its background's standard deviation, so the signal-to-noise ratio of a particle varies with its
-    micrograph's noise level and ice as it does in real data.
-    """
-    x = images.to(torch.float64)
-    n = x.shape[-1]
-    bg = radius_2d(n, x.device) > bg_radius_px
-    if int(bg.sum()) < 4:
-        raise ValueError(f"no background outside a radius of {bg_radius_px} px in a {n}-px box")
-    ky, kx = grid_2d(n, x.device)
-    design = torch.stack([torch.ones_like(kx), kx, ky], -1).to(torch.float64)  # (N, N, 3)
-    if not ramp:
-        design = design[..., :1]
-    coef = torch.linalg.lstsq(design[bg], x[:, bg].T).solution  # (3, B)
-    x = x - torch.einsum("yxk,kb->byx", design, coef)
-    values = x[:, bg]
-    x = (x - values.mean(1)[:, None, None]) / values.std(1, correction=0).clamp(min=1e-30)[:, None, None]
-    return x.to(images.dtype)
 
 
 # ---------------------------------------------------------------- signal: B-factor envelope
