@@ -109,22 +109,24 @@ def write_output_nodes(job_dir: Path, nodes: list[tuple[str, str]]) -> None:
 
 def job_options(args) -> argparse.Namespace:
     """The pipeline options (``pipeline_options.options``) of a parsed job: the options the form, the config YAML
-    and the additional arguments gave, None for training options not given (the preset fills them), --j as threads."""
+    and the additional arguments gave, None for training options not given (the preset fills them), --j as threads,
+    the gpu field (RELION's syntax, ``runtime.device_from_relion_gpu``) as the device when it is given."""
+    from cryoforum_plugin import runtime
     from cryoforum_plugin.pipeline import options as pipeline_options
 
     opts = pipeline_options.options_from(args, threads=args.j, resume=True)
-    if str(args.gpu).strip():
-        opts.device = f"cuda:{args.gpu}"
+    opts.device = runtime.device_from_relion_gpu(args.gpu, runtime.local_rank()) or opts.device
     return opts
 
 
-def run(args, job_dir: Path) -> list[tuple[str, str]]:
+def run(args, job_dir: Path) -> list[tuple[str, str]] | None:
     """The job itself: RELION's inputs -> the pipeline steps -> RELION's outputs; returns the output nodes (paths
-    relative to the project directory)."""
+    relative to the project directory), None on the non-zero ranks of a torchrun job (rank 0 writes the outputs)."""
     from cryoforum_plugin.pipeline import steps
     from cryoforum_plugin.pipeline import job as pipeline_job
     from cryoforum_plugin.errors import CryoforumError
     from cryoforum_plugin.formats.files import read_particles
+    from cryoforum_plugin import runtime
 
     events = RelionEvents(job_dir)
     if not args.in_parts:
@@ -137,6 +139,9 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
         if not args.model:
             raise CryoforumError("mode predict needs a trained model.",
                                  fix="set 'model' to the model directory of an earlier cryo-forum job.")
+        if runtime.init_from_env(opts.device)[1] > 1:  # the watcher's ledger has one writer
+            raise CryoforumError("mode predict runs as one process, not under torchrun.",
+                                 fix="run the job without torchrun, with one id (or none) in gpu.")
         return predict_new_rows(args, opts, job_dir, Path(args.model), reference, events)
     ps = read_particles(args.in_parts)
     if args.mode == "train":
@@ -150,6 +155,8 @@ def run(args, job_dir: Path) -> list[tuple[str, str]]:
         return [(str(ModelDir(model_dir).best_path), "model")]
     result = pipeline_job.pipeline(opts, train_set=ps if args.mode == "train_predict" else None, predict_set=ps,
                                    model_dir=model_dir, reference=reference, events=events)
+    if result is None:  # a non-zero rank under torchrun: rank 0 writes the outputs
+        return None
     return pipeline_job.write_outputs(result, job_dir, args.in_parts, opts, fmt="star",
                                       reconstruct_map=args.reconstruct == "yes", events=events)
 
@@ -222,10 +229,12 @@ def main(argv=None) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     for marker in ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE", "RELION_JOB_EXIT_ABORTED"):
         (job_dir / marker).unlink(missing_ok=True)
+    from cryoforum_plugin import runtime
     from cryoforum_plugin.errors import CryoforumError
 
     start = time.time()
     status = "FAILURE"
+    main_rank = True  # under torchrun (several GPUs) only rank 0 writes the nodes and the success marker
     try:
         try:
             args, unknown = parse(argv)
@@ -235,9 +244,11 @@ def main(argv=None) -> int:
         if unknown:
             print(f"[cryo-forum] ignoring unknown arguments: {' '.join(unknown)}", flush=True)
         nodes = run(args, job_dir)
-        write_output_nodes(job_dir, nodes)
+        main_rank = runtime.is_main()
+        if main_rank:
+            write_output_nodes(job_dir, nodes)
+            print(f"[cryo-forum] done in {time.time() - start:.0f} s", flush=True)
         status = "SUCCESS"
-        print(f"[cryo-forum] done in {time.time() - start:.0f} s", flush=True)
     except (JobAborted, KeyboardInterrupt):
         status = "ABORTED"
         print("[cryo-forum] aborted by the user; outputs written so far are complete files only.", flush=True)
@@ -249,7 +260,9 @@ def main(argv=None) -> int:
         import traceback
 
         traceback.print_exc(file=sys.stdout)
-    (job_dir / f"RELION_JOB_EXIT_{status}").touch()
+    runtime.shutdown(wait=status == "SUCCESS")  # no-op unless started by torchrun
+    if main_rank or status != "SUCCESS":
+        (job_dir / f"RELION_JOB_EXIT_{status}").touch()
     return 0 if status == "SUCCESS" else 1
 
 

@@ -117,6 +117,21 @@ def test_particles_coarser_than_the_model_are_one_clear_error(model, capsys):
         steps.predict(read_particles(d / "coarse" / "particles.star"), d / "m", device="cpu")
 
 
+def test_a_model_whose_box_pads_its_training_images_predicts_them(tmp_path):
+    """--box larger than the images (a preset's 64 on 32-px particles) Fourier-pads them: the model's information
+    limit is its training particles' Nyquist, so particles at that pixel size (its own, or new ones) are predicted,
+    not refused as coarser than the padded grid (the RELION train_predict job failed this way)."""
+    ps = _simulate(tmp_path / "a", 32, 1, 60)
+    assert cli(["train", "--particles", str(tmp_path / "a" / "particles.star"), "--out", str(tmp_path / "m"),
+                "--box", "48", "--width", "0.125", "--epochs", "1", "--batch", "16", "--preset", "paper",
+                "--test-fraction", "0"]) == 0
+    quat = _predicted(ps, tmp_path / "m")
+    assert len(quat) == 60 and np.isfinite(quat).all()
+    coarser = _simulate(tmp_path / "c", 24, 4, 5)  # coarser than the training particles: still one clear error
+    with pytest.raises(CryoforumError, match="Nyquist"):
+        steps.predict(coarser, tmp_path / "m", device="cpu")
+
+
 def test_every_single_grid_step_refuses_two_pixel_sizes_with_one_clear_error(tmp_path, capsys):
     """Reconstruction, the noise estimate, refinement and pre-training from a map work on one grid: a STAR with two
     optics groups of different pixel sizes is one CryoforumError naming the file, the first row of the second

@@ -29,19 +29,16 @@ def auto_workers(device: torch.device) -> int:
 
 
 class _RowBatches(torch.utils.data.Dataset):
-    """Item i = (rows, (B, N, N) images) of the i-th batch of rows; each loader process opens its own files.
-    ``signs``: (N,) contrast signs (ParticleSet.image_sign) or None. A CryoforumError travels back as its fields,
-    so the main process prints it as one line."""
+    """Item ``rows`` (an array of row indices, one batch) = (rows, (B, N, N) images); each loader process opens
+    its own files. ``signs``: (N,) contrast signs (ParticleSet.image_sign) or None. A CryoforumError travels back
+    as its fields, so the main process prints it as one line."""
 
-    def __init__(self, paths: np.ndarray, indices: np.ndarray, batches: Sequence[np.ndarray], signs=None):
-        self.paths, self.indices, self.batches, self.signs = paths, indices, batches, signs
+    def __init__(self, paths: np.ndarray, indices: np.ndarray, signs=None):
+        self.paths, self.indices, self.signs = paths, indices, signs
         self.reader = None
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int):
-        rows = np.asarray(self.batches[i])
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
         if self.reader is None:
             self.reader = StackReader()
         try:
@@ -53,12 +50,27 @@ class _RowBatches(torch.utils.data.Dataset):
                                 "fix": exc.fix}
 
 
+class _Batches(torch.utils.data.Sampler):
+    """The batches of rows of the current pass (``batches``, set before each pass): the loader's sampler, so one
+    loader (its processes persistent) serves every pass."""
+
+    def __init__(self):
+        self.batches: Sequence[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 class ImageSource:
     """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``, with their contrast sign
     applied (``ParticleSet.read_images``).
 
     Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch);
-    larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network).
+    larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network;
+    the processes persist from pass to pass, each with its open files, until ``close``).
     """
 
     def __init__(self, ps: ParticleSet, cache_bytes: float = 2e9, max_open: int = 64):
@@ -66,6 +78,7 @@ class ImageSource:
         self.reader = StackReader(max_open=max_open)
         box = int(ps.box[0]) if len(ps) else 0
         self._cache = None
+        self._loader, self._sampler = None, _Batches()
         if len(ps) * box * box * 4 <= cache_bytes:
             self._cache = torch.from_numpy(ps.read_images(self.reader, np.arange(len(ps))))
             self.reader.close()
@@ -79,25 +92,37 @@ class ImageSource:
     def batches(self, rows: np.ndarray, batch: int, workers: int = 0,
                 pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (rows, (B, N, N) images) for consecutive chunks of ``batch`` of ``rows``, in order. With
-        ``workers`` > 0 and a streamed set, that many processes read ahead (2 batches each); ``pin_memory`` for
-        fast copies to a GPU."""
+        ``workers`` > 0 and a streamed set, that many processes read ahead (2 batches each; started on the first
+        such pass and kept for the next ones: ``_loader_for``); ``pin_memory`` for fast copies to a GPU."""
         batches = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
         if self._cache is not None or workers <= 0 or len(batches) <= 1:
             for rows in batches:
                 images = self.batch(rows)
                 yield np.asarray(rows), images.pin_memory() if pin_memory and self._cache is None else images
             return
-        loader = torch.utils.data.DataLoader(
-            _RowBatches(self.ps.image_path, self.ps.image_index, batches, self.ps.image_sign), batch_size=None,
-            shuffle=False, num_workers=min(workers, len(batches)), pin_memory=pin_memory, prefetch_factor=2,
-            generator=torch.Generator())  # its own seed source: the global RNG (dropout, ...) is left untouched
+        loader = self._loader_for(workers, pin_memory)
+        self._sampler.batches = batches
         for rows, images, error in loader:  # the loader hands numpy rows back as tensors
             if error is not None:
                 raise CryoforumError(error["message"], path=error["path"], row=error["row"], fix=error["fix"])
             yield rows.numpy(), images
 
+    def _loader_for(self, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+        """The loader of ``workers`` persistent processes (``persistent_workers``), made on first use and again
+        only when ``workers`` or ``pin_memory`` change; its sampler is ``self._sampler``."""
+        loader = self._loader
+        if loader is None or loader.num_workers != workers or loader.pin_memory != pin_memory:
+            loader = self._loader = torch.utils.data.DataLoader(
+                _RowBatches(self.ps.image_path, self.ps.image_index, self.ps.image_sign), batch_size=None,
+                sampler=self._sampler, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2,
+                persistent_workers=True,
+                generator=torch.Generator())  # its own seed source: the global RNG (dropout, ...) is left untouched
+        return loader
+
     def close(self) -> None:
+        """Close the files and end the loader processes."""
         self.reader.close()
+        self._loader = None  # its iterator ends the processes when released
 
 
 def split_rows(n: int, val_fraction: float, test_fraction: float, seed: int, quat=None,

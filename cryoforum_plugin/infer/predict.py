@@ -15,6 +15,7 @@ from cryoforum_plugin.formats.loader import ImageSource, auto_workers
 from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.nn import precision as numeric
 from cryoforum_plugin.nn.preprocess import check_model_grid, phase_flipped, rotate_images, to_model_grid
 from cryoforum_plugin.progress import Events, Progress
 from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit, trace_scale
@@ -52,30 +53,39 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
 
 @torch.no_grad()
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
-            events: Events | None = None, workers: int = -1) -> Prediction:
+            events: Events | None = None, workers: int = -1, precision: str | None = None) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
+    ``precision``: the network's (nn.precision.resolve; None: the model's --precision, auto for older models).
+    The batches' results stay on the device until the end (no wait for the GPU per batch).
     Images are preprocessed on ``device`` by the model's own preprocessing, its whitening (--whiten) by the noise
     spectrum stored at training included: prediction never re-estimates it. Under torchrun each process predicts its block and rank 0 returns the
     merged result in row order; the other ranks return None."""
-    runtime.init_from_env()
-    device = runtime.local_device(torch.device(device) if device is not None else torch.device("cpu"))
+    device = device if device is not None else torch.device("cpu")
+    runtime.init_from_env(device)
+    device = runtime.local_device(device)
     model = ModelDir(model_dir)
     pre, net, state = model.load(device)
     grid_pixel, grid_box = model.grid(default_pixel=float(ps.pixel_size[0]), default_box=int(ps.box[0]))
-    check_model_grid(ps.pixel_size, grid_pixel * grid_box / pre.box, ps.path)
+    # the model's information limit: its training particles' sampling, or its own grid's where that is coarser
+    # (a --box larger than the training images Fourier-pads them: no finer information than theirs)
+    check_model_grid(ps.pixel_size, max(grid_pixel, grid_pixel * grid_box / pre.box), ps.path)
     if pre.phase_flip and ps.ctf is None:
         raise CryoforumError("the model was trained with --phase-flip and needs the particles' CTF; these have none.",
                              path=ps.path, fix="predict particles with CTF parameters (rlnDefocusU / ctf/df1_A).")
     cfg = state["config"]
     group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
-    amp = device.type == "cuda"
+    dtype, _ = numeric.resolve(precision or cfg.get("precision", "auto"), device)
+    runtime.tune_for(device)
     source = ImageSource(ps, cache_bytes=0)
     n = len(ps)
     mine = runtime.shard(n)  # all rows when not distributed
     quat = np.zeros((n, 4), np.float32)
     evals = np.zeros((n, 4), np.float32) if net.has_evals else None  # QCQP and grid heads
     angles = [360.0 * k / tta for k in range(tta)]
+    undo = {a: rotations.quat_conj(torch.as_tensor(rotations.psi_rotation_quats([a]), dtype=torch.float32))
+            .to(device) for a in angles}  # r⁻¹ of each in-plane turn
+    done, quats, evs_all = [], [], []  # rows and their device results, copied once at the end
     bar = Progress(len(mine), "predict", enabled=progress and runtime.is_main(), events=events)
     workers = auto_workers(device) if workers < 0 else workers
     start = time.time()
@@ -87,23 +97,25 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
             turn = torch.full((len(rows),), a, device=device)
             img = raw if a == 0 else rotate_images(raw, turn)
             flp = flipped if (flipped is None or a == 0) else rotate_images(flipped, turn)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with numeric.autocast(device, dtype):
                 out = net(pre(img, flp))
             q = out["quat"].float()
             if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
-                r = torch.as_tensor(rotations.psi_rotation_quats([a]), dtype=torch.float32, device=device)
-                q = rotations.quat_mul(rotations.quat_conj(r), q)
+                q = rotations.quat_mul(undo[a], q)
             qs.append(q)
             if "evals" in out:
                 evs.append(out["evals"].float())
-        q = qs[0] if tta == 1 else _average_quats(torch.stack(qs), group)
-        quat[rows] = q.cpu().numpy()
+        done.append(rows)
+        quats.append(qs[0] if tta == 1 else _average_quats(torch.stack(qs), group))
         if evals is not None:
-            evals[rows] = torch.stack(evs).mean(0).cpu().numpy()
+            evs_all.append(torch.stack(evs).mean(0))
         bar.update(len(rows))  # polls the events for an abort
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if done:  # the one wait for the device
+        rows = np.concatenate(done)
+        quat[rows] = torch.cat(quats).cpu().numpy()
+        if evals is not None:
+            evals[rows] = torch.cat(evs_all).cpu().numpy()
     seconds = time.time() - start
     source.close()
     merged = runtime.gather_rows(mine, {"quat": quat[mine], "evals": None if evals is None else evals[mine]}, n)

@@ -48,7 +48,9 @@ class Encoder(nn.Module):
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling with a learned exponent p (init 6, as in the paper's code)."""
+    """Generalised-mean pooling with a learned exponent p (init 6, as in the paper's code), in float32 under any
+    autocast (in float16 the clamp's 1e-6 is subnormal and its 6th power 0, whose p-th root has an infinite
+    gradient)."""
 
     def __init__(self, p: float = 6.0, eps: float = 1e-6):
         super().__init__()
@@ -57,7 +59,7 @@ class GeM(nn.Module):
 
     def forward(self, x):  # (B, F, h, w) -> (B, F); PReLU outputs can be negative: clamp before pow
         p = self.p.clamp(1.0, 20.0)
-        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        return x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 class Pool(nn.Module):
@@ -109,7 +111,7 @@ def qcqp_solve(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigh's backward divides by eigenvalue gaps, so a degenerate A (a flat Bingham, common at initialisation)
     gives NaN gradients; a fixed diagonal spread of 1e-4·(0, 1, 2, 3) keeps the gaps apart. It moves the
     solution only where A is (nearly) degenerate, i.e. where the prediction is maximally uncertain anyway."""
-    A64 = A.double() + torch.diag(_SPREAD.to(A.device))
+    A64 = A.double() + torch.diag(_SPREAD.to(A.device, non_blocking=True))
     evals, evecs = torch.linalg.eigh(A64)
     return evecs[..., 0].to(A.dtype), evals.to(A.dtype)
 

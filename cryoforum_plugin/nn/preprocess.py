@@ -156,20 +156,22 @@ def augment(raw: torch.Tensor, target: torch.Tensor, gen: torch.Generator, psi: 
             shift_px: float = 0.0, also: torch.Tensor | None = None):
     """Exact training augmentations of raw (B, N, N) images with their (B, 4) target quaternions: a random
     in-plane rotation with the matching change of psi (``psi``), and random re-centring by up to ``shift_px``
-    pixels (the pose is unchanged). Random numbers come from ``gen`` (CPU) so training stays deterministic.
+    pixels (the pose is unchanged). Random numbers come from ``gen`` (CPU) so training stays deterministic; they
+    reach the device by asynchronous copies (no wait for the GPU).
     ``also``: (B, N, N) images that get the same transforms (the phase-flipped copies) or None.
     Returns (raw, target, also)."""
     b, device = raw.shape[0], raw.device
     if psi:
         a = torch.rand(b, generator=gen) * 360 - 180
-        raw = rotate_images(raw, a.to(device))
+        turn = a.to(device, non_blocking=True)
+        raw = rotate_images(raw, turn)
         if also is not None:
-            also = rotate_images(also, a.to(device))
-        r = torch.as_tensor(rotations.psi_rotation_quats(a.numpy()), dtype=torch.float32, device=device)
+            also = rotate_images(also, turn)
+        r = torch.as_tensor(rotations.psi_rotation_quats(a.numpy()), dtype=torch.float32).to(device, non_blocking=True)
         target = rotations.quat_mul(r, target)
     if shift_px > 0:
         s = (torch.rand(b, 2, generator=gen) * 2 - 1) * shift_px
-        ramp = shift_phase(s.to(device), raw.shape[-1])
+        ramp = shift_phase(s.to(device, non_blocking=True), raw.shape[-1])
         raw = ifft2c(fft2c(raw) * ramp).real
         if also is not None:
             also = ifft2c(fft2c(also) * ramp).real
@@ -186,7 +188,7 @@ def to_model_grid(raw: torch.Tensor, pixel_size, grid_pixel: float, grid_box: in
         return raw
     out = torch.empty(raw.shape[0], grid_box, grid_box, dtype=torch.float32, device=raw.device)
     for value in np.unique(np.round(p, 6)):
-        rows = torch.as_tensor(np.nonzero(np.isclose(p, value, rtol=1e-6))[0], device=raw.device)
+        rows = torch.as_tensor(np.nonzero(np.isclose(p, value, rtol=1e-6))[0]).to(raw.device, non_blocking=True)
         new = int(round(n * value / grid_pixel))
         out[rows] = resample(raw[rows].float(), grid_box, 2, fourier_box=new)
     return out

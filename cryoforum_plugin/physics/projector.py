@@ -81,9 +81,12 @@ class Projector:
 
     def _crop(self, radius: float) -> tuple[torch.Tensor, int]:
         """The padded spectrum's central (2m+1)³ cube (1, 2, ...) holding every frequency up to ``radius`` Fourier
-        pixels of the unpadded grid (kept for later calls), and m."""
+        pixels of the unpadded grid, and m. Only the last cube is kept for later calls: a refinement with
+        per-particle search radii asks for up to n/2 sizes (n = pad·box), which all kept would take ~n⁴ bytes
+        (4 GB at 128 px)."""
         m = min(math.ceil(self.pad * radius) + 2, self.n // 2 - 1)
         if m not in self._crops:
+            self._crops.clear()
             c = self.n // 2
             self._crops[m] = self._spec[:, :, c - m:c + m + 1, c - m:c + m + 1, c - m:c + m + 1].contiguous()
         return self._crops[m], m

@@ -18,7 +18,7 @@ from cryoforum_plugin.pipeline.steps import (
 )
 from cryoforum_plugin.progress import Events
 from cryoforum_plugin.refine.driver import RefineResult
-from cryoforum_plugin.runtime import is_main, set_threads
+from cryoforum_plugin.runtime import set_threads
 from cryoforum_plugin.train.config import TrainConfig
 from cryoforum_plugin.train.model_dir import ModelDir
 
@@ -83,14 +83,13 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
         summary = train(train_set, model_dir, config, device=opts.device,
                         resume=bool(opts.resume) and ModelDir(model_dir).has_checkpoint, workers=opts.workers,
                         cache_gb=opts.cache_gb, events=events)
-        if not is_main():
-            return None
     target = predict_set if predict_set is not None else train_set
     if target is None:
         raise CryoforumError("nothing to predict.", fix="give the particles to predict.")
     events.message(f"[cryo-forum] predicting {len(target)} particles with {model_dir}")
+    # every rank predicts its block (under torchrun); rank 0 gets the merged set, the others None
     predicted, pred = predict(target, model_dir, device=opts.device, tta=opts.tta, workers=opts.workers,
-                              events=events)
+                              events=events, precision=opts.precision)  # None: the model's
     if predicted is None:
         return None
     events.check_abort()

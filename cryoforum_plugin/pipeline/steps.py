@@ -100,15 +100,16 @@ def write_predict_json(out_dir, fields: dict) -> Path:
 
 
 def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta: int = 1, workers: int = -1,
-            events: Events | None = None) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
+            events: Events | None = None,
+            precision: str | None = None) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
     """Predicted poses and uncertainty for every particle: (the set with predicted poses and the uncertainty
     columns, the raw Prediction, whose ``domain_check`` says whether the model fits them: ``domain_check``).
-    Under torchrun the non-zero ranks return (None, None)."""
+    ``precision``: --precision (None: the model's). Under torchrun the non-zero ranks return (None, None)."""
     from cryoforum_plugin.infer.predict import predict as run_prediction
 
     ps.validate_images()
     pred = run_prediction(ps, model_dir, device=resolve_device(device), batch=batch, tta=tta, events=events,
-                          workers=workers)
+                          workers=workers, precision=precision)
     if pred is None:
         return None, None
     pred.domain_check = domain_check(ps, pred, model_dir, device=device, events=events)

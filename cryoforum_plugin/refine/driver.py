@@ -33,7 +33,7 @@ from cryoforum_plugin.refine.global_search import GlobalBank, global_refine
 from cryoforum_plugin.refine.local_search import local_refine
 from cryoforum_plugin.refine.particle_terms import load_particle_terms, noise_weights
 from cryoforum_plugin.refine.reference import half_map_filter, prepare_reference
-from cryoforum_plugin.refine.scoring import HalfPlaneCoefficients, SearchSettings
+from cryoforum_plugin.refine.scoring import HalfPlaneCoefficients, SearchSettings, chunk_elements
 from cryoforum_plugin.runtime import resolve_device
 
 DEFAULT_RADIUS_DEG = 15.0  # local search radius when no per-particle hint is given
@@ -124,11 +124,12 @@ def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows
         q, shift, cc, ll, conf = global_refine(projector, bank, job.coef, data, job.settings)
     else:
         q0 = torch.as_tensor(job.q_start[rows], dtype=torch.float32, device=job.device)
-        rad = torch.as_tensor(job.radius[rows], dtype=torch.float32, device=job.device)
-        first_level_steps = 3 if float(rad.max()) > math.radians(SMALL_RADIUS_DEG) else 2
-        q, shift, cc, ll, conf = local_refine(projector, job.coef, data, q0, rad, job.settings,
-                                              first_level_steps=first_level_steps)
-    return _Poses(rows, *(x.double().cpu().numpy() for x in (q, shift, cc, ll, conf)))
+        rad = job.radius[rows].astype(np.float32)  # the search's precision, decided on the host (no device wait)
+        first_level_steps = 3 if rad.max() > math.radians(SMALL_RADIUS_DEG) else 2
+        q, shift, cc, ll, conf = local_refine(projector, job.coef, data, q0, torch.as_tensor(rad, device=job.device),
+                                              job.settings, first_level_steps=first_level_steps)
+    out = torch.cat([q, shift, cc[:, None], ll[:, None], conf[:, None]], 1).double().cpu().numpy()  # one copy back
+    return _Poses(rows, out[:, :4], out[:, 4:6], out[:, 6], out[:, 7], out[:, 8])
 
 
 def _refine_pass(job: _Job, rows_sel: np.ndarray, is_global: bool, label: str) -> _Poses:
@@ -213,7 +214,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     max_shift_px = (0.2 * box) if max_shift_A is None else float(max_shift_A) / apix
     max_shift_px = float(min(max(max_shift_px, 0.0), box / 2 - 1))
     group = torch.as_tensor(symmetry.group_quats(sym), dtype=torch.float32, device=dev)
-    settings = SearchSettings(r_max, max_shift_px, (1 << 24) if dev.type == "cuda" else (1 << 21), group)
+    settings = SearchSettings(r_max, max_shift_px, chunk_elements(dev), group)
     coef = HalfPlaneCoefficients(box, r_max, dev)
     glob, radius = _routes(ps, global_search, uncertain, start_error_deg)
     centre = np.nan_to_num(np.asarray(ps.shift_A, float) / apix)

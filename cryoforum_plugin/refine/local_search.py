@@ -92,7 +92,8 @@ def local_search(projector: Projector, coef: HalfPlaneCoefficients, batch: Parti
     dev = q0.device
     q_start = q0
     final = FINAL_STEP / s.r_max
-    n_levels, h_max = 1, float(radius.max()) / first_level_steps
+    r_top = radius.max().cpu()  # the largest radius on the host: one wait for the device per search, not per level
+    n_levels, h_max = 1, float(r_top) / first_level_steps
     while h_max > final and n_levels < 8:
         h_max /= 2
         n_levels += 1
@@ -103,7 +104,7 @@ def local_search(projector: Projector, coef: HalfPlaneCoefficients, batch: Parti
         units = first_level_steps if j == 0 else FINE_LEVEL_STEPS
         h = radius / (first_level_steps * 2.0**j)
         grid = torch.as_tensor(ball_points(units), dtype=torch.float32, device=dev)  # (L, 3)
-        r = resolution_for_step(float(h.max()), s) if j < n_levels - 1 else s.r_max
+        r = resolution_for_step(float(r_top / (first_level_steps * 2.0**j)), s) if j < n_levels - 1 else s.r_max
         k = coef.count(r)
         dq = rotations.rotvec_to_quat_torch(grid[None] * h[:, None, None])  # (B, L, 4)
         cand = rotations.quat_mul(dq, q[:, None])  # dq ⊗ q
@@ -111,7 +112,7 @@ def local_search(projector: Projector, coef: HalfPlaneCoefficients, batch: Parti
         den = (t.real**2 + t.imag**2) @ batch.c2w[:, :k, None]  # (B, L, 1)
         den = den[..., 0].clamp(min=1e-30)
         if j == 0:
-            num, shifts = best_numerators_by_fft(t, batch, coef, shift_window(coef.box, 1, s.max_shift_px, dev), 1,
+            num, shifts = best_numerators_by_fft(t, batch, coef, shift_window(coef.box, 1, s.max_shift_px, "cpu"), 1,
                                                  s.chunk)
         else:
             num, shifts = _numerators_near(t, batch, coef, shift, r, s)
@@ -123,7 +124,7 @@ def local_search(projector: Projector, coef: HalfPlaneCoefficients, batch: Parti
                 keep = torch.arange(len(g), device=dev) * groups + g
                 ll, num, den, shifts, cand, t = ll[keep], num[keep], den[keep], shifts[keep], cand[keep], t[keep]
                 batch, h, radius, conf = batch.take(keep), h[keep], radius[keep], conf[keep]
-                q_start = q_start[keep]
+                q_start, r_top = q_start[keep], radius.max().cpu()
         best = ll.argmax(-1)
         rows = torch.arange(len(best), device=dev)
         q, shift = cand[rows, best], shifts[rows, best]
@@ -165,7 +166,7 @@ def final_shift_and_score(projector: Projector, coef: HalfPlaneCoefficients, bat
     shift (B, 2) pixels, normalised correlation cc (B,), log-likelihood ll (B,)."""
     k = coef.count(s.r_max)
     t = projector.sample_slices(rotations.quat_to_matrix_torch(q), coef.kvec[:k], s.r_max, s.chunk)[:, None]
-    _, shift = best_numerators_by_fft(t, batch, coef, shift_window(coef.box, 2, s.max_shift_px, q.device), 2,
+    _, shift = best_numerators_by_fft(t, batch, coef, shift_window(coef.box, 2, s.max_shift_px, "cpu"), 2,
                                       s.chunk)
     shift = shift[:, 0]
     num = numerators_at_shifts(t, batch, coef, shift[:, None])[:, 0, 0]

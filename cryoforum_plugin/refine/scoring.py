@@ -26,6 +26,11 @@ from cryoforum_plugin.physics.fourier import freq_1d
 
 PEAK_WIDTH = 1.5  # angular peak half-width ≈ PEAK_WIDTH / r (radians) at resolution r (Fourier pixels)
 MIN_RADIUS_PX = 6  # coarsest resolution used (Fourier pixels)
+CPU_CHUNK = 1 << 21  # elements per intermediate tensor on a CPU
+GPU_CHUNK_MIN, GPU_CHUNK_MAX = 1 << 24, 1 << 28  # on a GPU: sized by the free memory, within these bounds
+GPU_CHUNK_MEMORY_SHARE = 1 / 8  # share of the free GPU memory that the intermediates of one step may take
+CHUNK_ELEMENT_BYTES = 32  # bytes per chunk element at a step's peak (e.g. the FFT search: complex64 grid + its FFT
+# + gathers; the slice sampling: coordinates, samples and the complex result)
 
 
 class HalfPlaneCoefficients:
@@ -87,6 +92,19 @@ class SearchSettings:
     group: torch.Tensor  # (G, 4) symmetry quaternions
 
 
+def chunk_elements(device: torch.device) -> int:
+    """Elements per intermediate tensor of the searches (``SearchSettings.chunk``) on ``device``: CPU_CHUNK on a
+    CPU; on a GPU the free memory × GPU_CHUNK_MEMORY_SHARE / CHUNK_ELEMENT_BYTES rounded down to a power of two,
+    within [GPU_CHUNK_MIN, GPU_CHUNK_MAX]. An H100 with 78 GB free gets 2**28: level 1's FFT search at 256 px
+    (123 candidates, a 256² grid each) then takes 33 particles per call, where the fixed 2**24 took 2. The chunks
+    only group independent rows: results do not depend on them (tests/test_gpu_benchmark.py)."""
+    if device.type != "cuda":
+        return CPU_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * GPU_CHUNK_MEMORY_SHARE / CHUNK_ELEMENT_BYTES)
+    return min(GPU_CHUNK_MAX, max(GPU_CHUNK_MIN, 1 << max(fit, 1).bit_length() - 1))
+
+
 def resolution_for_step(step_rad: float, s: SearchSettings) -> float:
     """Resolution (Fourier pixels) of a level with angular step ``step_rad``: PEAK_WIDTH / step, within
     [MIN_RADIUS_PX, r_max]."""
@@ -122,7 +140,7 @@ def best_numerators_by_fft(t: torch.Tensor, batch: ParticleTerms, coef: HalfPlan
     yc = batch.y[:, :k] * coef.phase(batch.centre, k)  # (B, K)
     best = torch.empty((b, l), device=t.device)
     shift = torch.empty((b, l, 2), device=t.device)
-    widx = torch.nonzero(window.reshape(-1))[:, 0]
+    widx = torch.nonzero(window.reshape(-1))[:, 0].to(t.device)  # a CPU window: no wait for the device here
     step = max(1, chunk // (l * dg * dg))
     f = freq_1d(dg, t.device).roll(-(dg // 2))  # position p -> signed offset (in 1/upsample px)
     for lo in range(0, b, step):

@@ -53,6 +53,7 @@ class TrainConfig:
     phase_flip: bool = _D["phase_flip"]
     whiten: str = _D["whiten"]
     balance_views: bool = _D["balance_views"]
+    precision: str = _D["precision"]
 
     def __post_init__(self):
         if self.from_map is not None:

@@ -92,7 +92,7 @@ def sample_pairs(true_dist: torch.Tensor, n_pairs: int, mode: str,
     b = true_dist.shape[0]
     i, j = torch.triu_indices(b, b, offset=1, device=true_dist.device)
     if mode == "random" or len(i) <= n_pairs:
-        pick = torch.randperm(len(i), generator=gen, device="cpu")[:n_pairs].to(i.device)
+        pick = torch.randperm(len(i), generator=gen, device="cpu")[:n_pairs].to(i.device, non_blocking=True)
         return i[pick], j[pick]
     d = true_dist[i, j]
     edges = torch.linspace(0, float(d.max()) + 1e-6, N_DISTANCE_BINS + 1, device=d.device)

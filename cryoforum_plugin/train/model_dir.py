@@ -8,10 +8,12 @@ Layout of MODEL_DIR (every file written atomically):
   best.pt       torch dict: config, preprocess (state dict, with the whitening's noise_spectrum), model (state
                 dict), epoch, best (validation median error, rad), trace_scale (median |eq. 7 trace| on the
                 validation set, for the figure of merit)
-  last.pt       best.pt's keys plus optimizer, scheduler, log, gen, torch_rng (for --resume)
+  last.pt       best.pt's keys plus optimizer, scheduler, scaler (GradScaler), log and the random generators'
+                states (RNG_STATES: gen, torch_rng, cuda_rng on a GPU, sim_gen with pre-training) for --resume
   log.csv       one row per epoch (epoch, loss, train/val median error, lr, beta1, beta2, seconds, grad norm,
-                step = optimiser steps so far, synthetic = 1 for pre-training rows, snr = their simulated SNR,
-                sim_seconds = time spent simulating); pre-training rows (every --pretrain-log-every steps) have
+                step = optimiser steps so far, synthetic = 1 for pre-training rows, skipped_steps = steps whose
+                gradients were not finite (update skipped), snr = their simulated SNR, sim_seconds = time spent
+                simulating); pre-training rows (every --pretrain-log-every steps) have
                 fractional epoch <= 0: epochs' worth of steps before the first real epoch
   synthetic.json  with --pretrain-steps: what the synthetic particles were made from: {"map": the map's path or
                 "reconstruction of the training split", "map_file" (the reconstruction, training_map.mrc),
@@ -38,6 +40,24 @@ from cryoforum_plugin.train.config import TrainConfig, build
 CONFIG, SPLIT, BEST, LAST, LOG = "config.json", "split.json", "best.pt", "last.pt", "log.csv"
 SYNTHETIC, TRAINING_MAP = "synthetic.json", "training_map.mrc"
 DOMAIN = "domain.json"
+RNG_STATES = ("gen", "torch_rng", "cuda_rng", "sim_gen")
+"""last.pt's states of random generators: CPU ByteTensors (torch's generators take no other), whatever the device."""
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "log", "gen", "torch_rng", "cuda_rng")
+"""last.pt's keys that best.pt leaves out."""
+
+
+def _to_device(value, device):
+    """``value`` (a tensor, or dicts / lists / tuples holding tensors, as a state dict) with its tensors on
+    ``device``; other values as they are; everything as it is for ``device`` None."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 class ModelDir:
@@ -71,7 +91,7 @@ class ModelDir:
         with atomic_path(self.path / LAST) as tmp:
             torch.save(state, tmp)
         if best:
-            slim = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "log", "gen", "torch_rng")}
+            slim = {k: v for k, v in state.items() if k not in RESUME_ONLY}
             with atomic_path(self.path / BEST) as tmp:
                 torch.save(slim, tmp)
 
@@ -124,10 +144,13 @@ class ModelDir:
         return self.path / LAST
 
     def last_state(self, device=None) -> dict | None:
-        """The resumable state (last.pt), or None when there is none."""
+        """The resumable state (last.pt), or None when there is none: its tensors on ``device`` (default the CPU),
+        except the random generators' states (RNG_STATES), which stay CPU ByteTensors (a generator's set_state and
+        torch.set_rng_state refuse a state on a GPU)."""
         if not self.has_checkpoint:
             return None
-        return torch.load(self.path / LAST, map_location=device or "cpu", weights_only=False)
+        state = torch.load(self.path / LAST, map_location="cpu", weights_only=False)
+        return {k: v if k in RNG_STATES else _to_device(v, device) for k, v in state.items()}
 
     def best_state(self, device=None) -> dict:
         if not self.has_model:

@@ -10,6 +10,12 @@ pre-training steps, and ``resume`` continues from last.pt. ``whiten`` fixes the 
 particles (nn.preprocess.Preprocess.fit, stored with the model; real and synthetic images go through it alike);
 ``balance_views`` draws the particles of every real epoch with views.view_balance_weights (with replacement; the
 epoch keeps its number of steps) instead of a permutation.
+
+On a GPU the network runs in mixed precision (``precision``: nn.precision.resolve; float16 with a GradScaler) with
+the fused Adam, cuDNN autotuning and TF32 (runtime.tune_for). No step waits for the GPU: its metrics stay on the
+device (StepMetrics) and are read once per log row; a step whose loss is not finite changes nothing (its
+gradients are made NaN, which the scaler's step skips) and the next log row stops the training with an error,
+before its checkpoint.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.loader import ImageSource, auto_workers, split_rows
 from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.formats.particles import ParticleSet
+from cryoforum_plugin.nn import precision
 from cryoforum_plugin.nn.preprocess import to_model_grid, augment, phase_flipped
 from cryoforum_plugin.progress import Events, Progress
 from cryoforum_plugin.train.config import TrainConfig, build
 from cryoforum_plugin.train.losses import curriculum, grid_loss, siamese_loss
 from cryoforum_plugin.train.pretrain import BUDGET_CALIBRATION_STEPS, Pretraining
+from cryoforum_plugin.train.step_metrics import StepMetrics
 from cryoforum_plugin.train.views import view_balance_weights
 from cryoforum_plugin.nn.uncertainty import trace_scale
 
@@ -45,7 +53,7 @@ class Trainer:
     """Trains on a ParticleSet with poses and writes MODEL_DIR (config.json, split.json, best.pt, last.pt, log.csv)."""
 
     def __init__(self, ps: ParticleSet, out_dir, config: TrainConfig, device: torch.device, progress: bool = True,
-                 amp: bool = True, events: Events | None = None, workers: int = -1, cache_gb: float = 2.0):
+                 events: Events | None = None, workers: int = -1, cache_gb: float = 2.0):
         if not ps.has_poses.all():
             r = int(np.argmax(~ps.has_poses))
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
@@ -62,12 +70,13 @@ class Trainer:
             raise CryoforumError("--time-budget sizes the pre-training, which is off (--pretrain-steps 0).",
                                  fix="give --pretrain-steps N (any N > 0: the budget replaces it) or --preset cpu, "
                                      "or leave --time-budget out.")
-        self.rank, self.world = runtime.init_from_env()
+        self.rank, self.world = runtime.init_from_env(device)
         device = runtime.local_device(device)
         self.ps, self.out, self.cfg, self.device = ps, ModelDir(out_dir), config, device
         self.progress, self.events = progress and self.rank == 0, events or Events()
         self.workers = auto_workers(device) if workers < 0 else workers
-        self.amp = amp and device.type == "cuda"
+        self.autocast_dtype, self.scaled = precision.resolve(config.precision, device)
+        runtime.tune_for(device)
         self.out.create()
         symmetry.canonical_name(config.sym)
         self.group = torch.as_tensor(symmetry.group_quats(config.sym), dtype=torch.float32, device=device)
@@ -106,7 +115,10 @@ class Trainer:
         if self.total_steps < 1:
             raise CryoforumError("nothing to train: --epochs 0 and --pretrain-steps 0.",
                                  fix="give --epochs and/or --pretrain-steps.")
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.99),
+                                    fused=True if device.type == "cuda" else None)
+        # float16: dynamic loss scaling; otherwise a fixed scale of 1 (exact), kept for its skip of non-finite steps
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if self.scaled else 1.0)
         self.sched = self._one_cycle()
         self.epoch, self.best = 0, float("inf")
         self.log: list[dict] = []
@@ -162,7 +174,7 @@ class Trainer:
 
     def _inputs(self, rows, raw: torch.Tensor, augmented: bool):
         """Raw (B, N, N) images of ``rows`` -> (network input on the device, (B, 4) targets), augmented."""
-        target = self.targets[torch.as_tensor(rows)].to(self.device)
+        target = self.targets[torch.as_tensor(rows)].to(self.device, non_blocking=True)
         # optics groups of other pixel sizes are brought to the first particle's sampling (the model's grid)
         grid_pixel, grid_box = float(self.ps.pixel_size[0]), int(self.ps.box[0])
         raw = to_model_grid(raw.to(self.device, non_blocking=True), self.ps.pixel_size[rows], grid_pixel, grid_box)
@@ -181,20 +193,40 @@ class Trainer:
                                  pairs=cfg.pairs, gen=self.gen)
         return total + cfg.l2 * self.model.l2_penalty(head=cfg.l2_head), err.detach()
 
-    def _step(self, x: torch.Tensor, target: torch.Tensor, progress: float) -> tuple[float, torch.Tensor]:
-        """One optimiser step; (loss, per-image error)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+    def _step(self, x: torch.Tensor, target: torch.Tensor,
+              progress: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimiser step: (loss, (B,) per-image error, gradient norm), device tensors, no wait for the device.
+        A loss that is not finite multiplies the gradients by NaN, so the scaler's step skips the update (weights
+        and optimiser state unchanged; float16 overflows of the gradients are skipped alike)."""
+        with precision.autocast(self.device, self.autocast_dtype):
             out = self.net(x)
         loss, err = self.loss({k: v.float() for k, v in out.items()}, target, progress)
         self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            raise CryoforumError("the training loss became NaN/inf.", fix="lower --lr or check the input images.")
-        loss.backward()
+        guard = torch.where(torch.isfinite(loss), 1.0, float("nan"))  # 1 (exact) or NaN, on the device
+        self.scaler.scale(loss * guard).backward()
+        self.scaler.unscale_(self.opt)
         gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), GRAD_CLIP)
-        self.gnorms.append(float(gnorm))
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update(None if self.scaled else 1.0)
         self.sched.step()
-        return float(loss.detach()), err
+        return loss.detach(), err, gnorm.detach()
+
+    def _read(self, metrics: StepMetrics) -> dict:
+        """``metrics.read()``; the clear error when a step's loss was not finite (before the row's checkpoint: the
+        checkpoints hold the model from before it); a WARNING when no step of the row had finite gradients (every
+        update skipped: float16 overflows that loss scaling did not cure)."""
+        values = metrics.read()
+        steps = len(values["losses"])
+        if steps and values["skipped"] == steps and not values["nonfinite"] and self.rank == 0:
+            self.events.message(f"WARNING: none of the last {steps} steps had finite gradients; their updates were "
+                                f"skipped (the model did not change). If this persists, train with --precision bf16 "
+                                f"or fp32.")
+        if values["nonfinite"]:
+            raise CryoforumError(f"the training loss became NaN/inf in {values['nonfinite']} of the last "
+                                 f"{len(values['losses'])} steps (their updates were skipped); stopped before the "
+                                 f"next checkpoint.",
+                                 fix="lower --lr, check the input images, or train with --precision fp32.")
+        return values
 
     # ------------------------------------------------------------------ pre-training (pretrain.py)
     def synthetic_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,21 +249,17 @@ class Trainer:
                 chunk = BUDGET_CALIBRATION_STEPS
             bar = Progress(chunk * cfg.batch, f"pre-training {self.pretrain_step + 1}-{self.pretrain_step + chunk}"
                            f"/{cfg.pretrain_steps}", enabled=self.progress, events=self.events)
-            losses, errs, self.gnorms, sim_seconds = [], [], [], 0.0
+            metrics = StepMetrics(self.device)
             for _ in range(chunk):
-                ts = time.time()
-                x, target = self.synthetic_batch(self.pretrain_step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                sim_seconds += time.time() - ts
-                loss, err = self._step(x, target, self.pretrain_step / max(self.total_steps - 1, 1))
-                losses.append(loss)
-                errs.append(err.cpu().numpy())
+                with metrics.timed():
+                    x, target = self.synthetic_batch(self.pretrain_step)
+                metrics.add(*self._step(x, target, self.pretrain_step / max(self.total_steps - 1, 1)))
                 pretraining.step += 1
                 bar.update(cfg.batch)  # polls the events for an abort
             bar.close()
+            values = self._read(metrics)  # waits for the device: the steps' time is complete
             t_eval = time.time()
-            row = self._row(losses, errs, time.time() - t0, synthetic=True, sim_seconds=sim_seconds)
+            row = self._row(values, time.time() - t0, synthetic=True)
             if planning:  # before the first checkpoint: last.pt and config.json hold the planned counts throughout
                 self._plan_budget((t_eval - t0) / chunk, time.time() - t_eval)
                 planning = False
@@ -243,33 +271,35 @@ class Trainer:
     def evaluate(self, rows, batch: int = 512) -> np.ndarray:
         """Per-particle error (radians) of the current network on ``rows`` (no augmentation)."""
         self.net.eval()
-        errs, evals = [], []
+        errs, evals = [], []  # device tensors, read once at the end
         for chunk, raw in self._batches(rows, batch):
             x, t = self._inputs(chunk, raw, augmented=False)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with precision.autocast(self.device, self.autocast_dtype):
                 out = self.net(x)
-            errs.append(self.dist(out["quat"].float(), t).cpu().numpy())
+            errs.append(self.dist(out["quat"].float(), t))
             if "evals" in out:
-                evals.append(out["evals"].float().cpu().numpy())
-        self.trace_scale = trace_scale(np.concatenate(evals) if evals else None)
-        return np.concatenate(errs) if errs else np.zeros(0)
+                evals.append(out["evals"].float())
+        self.trace_scale = trace_scale(torch.cat(evals).cpu().numpy() if evals else None)
+        return torch.cat(errs).cpu().numpy() if errs else np.zeros(0)
 
-    def _row(self, losses, errs, seconds: float, synthetic: bool, sim_seconds: float = 0.0) -> dict:
-        """One log row: validation on the real validation particles at the current step."""
+    def _row(self, values: dict, seconds: float, synthetic: bool) -> dict:
+        """One log row: the steps' metrics (``StepMetrics.read``; 'timed_s' is the pre-training's simulation time)
+        and validation on the real validation particles at the current step."""
         step = self.pretrain_step + self.epoch * self.steps_per_epoch  # optimiser steps done (per rank)
         val = self.evaluate(self.split["val"])
         b1, b2 = curriculum(self.cfg.loss, step / max(self.total_steps - 1, 1), self.cfg.beta1_floor)
         epoch = self.epoch if not synthetic else round((step - self.cfg.pretrain_steps) / self.steps_per_epoch, 3)
+        losses, errs, gnorms = values["losses"], values["errs"], values["gnorms"]
         return {"epoch": epoch,
-                "loss": float(np.mean(losses)) if losses else float("nan"),
-                "train_median_rad": float(np.median(np.concatenate(errs))) if errs else float("nan"),
+                "loss": float(np.mean(losses)) if len(losses) else float("nan"),
+                "train_median_rad": float(np.median(errs)) if len(errs) else float("nan"),
                 "val_median_rad": float(np.median(val)), "val_median_deg": float(np.degrees(np.median(val))),
                 "lr": float(self.sched.get_last_lr()[0]), "beta1": b1, "beta2": b2,
                 "seconds": round(seconds, 2),
-                "grad_norm_median": float(np.median(self.gnorms)) if self.gnorms else 0.0,
-                "step": step, "synthetic": int(synthetic),
+                "grad_norm_median": float(np.median(gnorms)) if len(gnorms) else 0.0,
+                "step": step, "synthetic": int(synthetic), "skipped_steps": values["skipped"],
                 "snr": self.pretraining.snr_at(self.pretrain_step) if synthetic else float("nan"),
-                "sim_seconds": round(sim_seconds, 2)}
+                "sim_seconds": round(values["timed_s"] if synthetic else 0.0, 2)}
 
     def _end_of_row(self, row: dict, label: str) -> None:
         self.log.append(row)
@@ -301,20 +331,18 @@ class Trainer:
             perm = perm[: self.per_rank * self.world][self.rank::self.world]  # same permutation on every rank
             bar = Progress(len(perm), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=self.progress,
                            events=self.events)
-            losses, errs = [], []
-            self.gnorms = []
+            metrics = StepMetrics(self.device)
             for step, (rows, raw) in enumerate(self._batches(perm, cfg.batch)):
                 if len(rows) < 2:
                     continue
                 x, target = self._inputs(rows, raw, augmented=True)
                 done = cfg.pretrain_steps + self.epoch * self.steps_per_epoch + step
-                loss, err = self._step(x, target, done / max(self.total_steps - 1, 1))
-                losses.append(loss)
-                errs.append(err.cpu().numpy())
+                metrics.add(*self._step(x, target, done / max(self.total_steps - 1, 1)))
                 bar.update(len(rows))  # polls the events for an abort
             bar.close()
+            values = self._read(metrics)
             self.epoch += 1
-            row = self._row(losses, errs, time.time() - t0, synthetic=False)
+            row = self._row(values, time.time() - t0, synthetic=False)
             self._end_of_row(row, f"epoch {self.epoch:3d}")
         self.source.close()
         return {"best_val_median_rad": self.best, "epochs": self.epoch, "log": self.log}
@@ -349,11 +377,14 @@ class Trainer:
         self.out.write_split(self.split, self.ps.uid)
 
     def _state(self) -> dict:
+        """The checkpoint (model_dir.py's layout of last.pt)."""
+        cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
         return {"config": dataclasses.asdict(self.cfg), "preprocess": self.pre.state_dict(),
                 "model": self.model.state_dict(), "epoch": self.epoch, "best": self.best,
                 "trace_scale": getattr(self, "trace_scale", 1.0),
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "log": self.log,
-                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "log": self.log,
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), **cuda_rng,
                 **self.pretraining.state_dict()}
 
     def _checkpoint(self, improved: bool) -> None:
@@ -374,8 +405,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:  # checkpoints before --precision have none (their scale: 1, or float16's initial)
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best, self.log = state["epoch"], state["best"], state["log"]
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"])  # CPU ByteTensors whatever the device (ModelDir.last_state)
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.pretraining.load_state_dict(state)
         return True
