@@ -55,8 +55,11 @@ def stream(args, work: Path) -> list[dict]:
     from cryoforum_plugin.sim.dataset import simulate
 
     n = args.batches * args.batch_size
+    from cryoforum_plugin.sim.realism import REALISTIC
+
+    real = {k: v for k, v in REALISTIC.items() if k not in ("junk_fraction", "junk_kinds")} if args.realistic else {}
     simulate(DEFAULT_MAP, work / "sim", n=n, box=args.box, snr=args.snr, max_shift=args.max_shift, seed=3,
-             progress=False)
+             progress=False, **real)
     ps = read_star(work / "sim" / "particles.star")
     staged, incoming = work / "staged", work / "incoming"
     staged.mkdir()
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shift", type=float, default=8.0, help="Å")
     parser.add_argument("--settle", type=float, default=0.5, help="s")
     parser.add_argument("--map-every", type=int, default=5000)
+    parser.add_argument("--realistic", action="store_true", help="particles like `cryoforum simulate --realistic` "
+                        "without its junk (coloured noise, ice, micrograph levels, normalisation, B-factors, views)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--rewrite-rows", type=int, nargs="*", default=[100_000, 1_000_000])

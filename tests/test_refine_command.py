@@ -65,3 +65,54 @@ def test_a_reference_that_cannot_be_matched_is_one_clear_error(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "reference" in err.lower(), err
     assert not (d / "r" / "refined.star").exists()
+
+
+def _noisy(vol: np.ndarray, level: float, seed: int) -> np.ndarray:
+    """``vol`` plus white noise of ``level`` times its std: the noise a small reconstruction has at high resolution."""
+    return (vol + level * vol.std() * np.random.default_rng(seed).normal(size=vol.shape)).astype(np.float32)
+
+
+def test_a_map_given_with_half_maps_is_refined_against_fsc_weighted(tmp_path):
+    """A consensus map whose high-resolution shells are noise (the unfiltered map of a small refinement), given
+    with half-maps of the same quality (the model's training half-maps, as the jobs do): the refinement weights the
+    map per shell by the half-maps' FSC and recovers the poses better than against the map to Nyquist. Measured
+    over 5 seeds of particles, start and noise (1 and 2 threads identical): weighted / unweighted median error
+    0.62-0.72 (1.5-1.8° against 2.3-2.7°); asserted < 0.85."""
+    import torch
+
+    from cryoforum_plugin.pipeline import steps
+    from cryoforum_plugin.refine.reference import fsc_filter, prepare_reference
+
+    d = tmp_path
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "150", "--box", "48", "--snr", "1",
+                "--max-shift", "3", "--seed", "5"]) == 0
+    truth = read_particles(d / "sim" / "truth.star")
+    vol, apix = resized_map(DEFAULT_MAP, 48)
+    vol = vol.numpy()
+    for name, seed in (("consensus", 1), ("half1", 2), ("half2", 3)):
+        write_mrc(d / f"{name}.mrc", _noisy(vol, 1.5, seed), apix)
+    start = read_particles(d / "sim" / "particles.star")
+    start.quat = _perturbed(start, 8.0, np.random.default_rng(0))
+    write_particles(start, d / "start.star")
+    errors = {}
+    for label, extra in (("map", []), ("weighted", ["--half-maps", str(d / "half1.mrc"), str(d / "half2.mrc")])):
+        assert cli(["refine", "--particles", str(d / "start.star"), "--reference", str(d / "consensus.mrc"),
+                    *extra, "--out", str(d / label), "--global-search", "none", "--threads", "2"]) == 0
+        errors[label] = np.degrees(np.median(geodesic_errors(read_particles(d / label / "refined.star").quat,
+                                                              truth.quat)))
+    assert errors["weighted"] < 0.85 * errors["map"], errors
+    assert "FSC-weighted by half-maps" in json.loads((d / "weighted" / "refine.json").read_text())["reference"]
+    # the map itself is projected (both halves' particles), with the half-maps' FSC as the shell weights
+    ref = steps.Reference.from_files(d / "consensus.mrc", [d / "half1.mrc", d / "half2.mrc"])
+    maps, weights = prepare_reference(ref.maps, ref.pixel_size, 48, apix, "cpu")
+    assert maps[1] is maps[2] and torch.allclose(maps[1], torch.from_numpy(_noisy(vol, 1.5, 1)), atol=1e-4)
+    halves, _ = prepare_reference({"half1": _noisy(vol, 1.5, 2), "half2": _noisy(vol, 1.5, 3)}, apix, 48, apix, "cpu")
+    assert np.allclose(weights, fsc_filter(halves[1], halves[2])) and weights[-3] < 0.5 < weights[3]
+    # a model directory with training half-maps weights a one-map reference the same way; without, it is as given
+    model = d / "model"
+    model.mkdir()
+    assert steps.Reference.from_files(d / "consensus.mrc").with_model_half_maps(model).maps.shape == (48, 48, 48)
+    for name, half in zip(steps.MODEL_HALF_MAPS, ("half1", "half2")):
+        (model / name).write_bytes((d / f"{half}.mrc").read_bytes())
+    weighted = steps.Reference.from_files(d / "consensus.mrc").with_model_half_maps(model)
+    assert set(weighted.maps) == {"map", "half1", "half2"} and "FSC-weighted" in weighted.source

@@ -13,6 +13,7 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.infer.predict import Prediction
 from cryoforum_plugin.pipeline.steps import (
+    MODEL_HALF_MAPS,
     Reference, Selection, predict, reconstruct, refine, select, train, write_predictions, write_refined,
     write_selection,
 )
@@ -43,14 +44,14 @@ class PipelineResult:
 
 
 def training_reference(train_set: ParticleSet, model_dir, opts, events: Events) -> Reference:
-    """The default reference: half-maps reconstructed from the training particles at their (consensus) poses,
-    each from the particles of one half-set (``ParticleSet.with_half_sets``, the assignment the refinement
-    matches them with), written beside the model (reference_half1.mrc, reference_half2.mrc)."""
+    """Half-maps reconstructed from the training particles at their (consensus) poses, each from the particles of
+    one half-set (``ParticleSet.with_half_sets``, the assignment the refinement matches them with), written beside
+    the model (``steps.MODEL_HALF_MAPS``): the default reference, and the FSC weights of a given map (also in
+    later predict jobs with this model)."""
     path = Path(model_dir) / "reference.mrc"
     events.message(f"[cryo-forum] reconstructing the reference from {len(train_set)} training particles -> {path}")
     reconstruct(train_set, path, sym=opts.sym, halves=True, device=opts.device, events=events)
-    return Reference.from_files(half_maps=[path.with_name("reference_half1.mrc"),
-                                           path.with_name("reference_half2.mrc")])
+    return Reference.from_files(half_maps=[path.with_name(name) for name in MODEL_HALF_MAPS])
 
 
 def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict_set: ParticleSet | None,
@@ -95,8 +96,11 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
     events.check_abort()
     result = PipelineResult(model_dir, predicted, pred, None, summary)
     if opts.refine:
-        if reference is None and train_set is not None:
-            reference = training_reference(train_set, model_dir, opts, events)
+        if train_set is not None:  # the training particles' half-maps: the reference, or the given map's weights
+            halves = training_reference(train_set, model_dir, opts, events)
+            reference = halves if reference is None else reference.weighted_by(halves)
+        elif reference is not None:
+            reference = reference.with_model_half_maps(model_dir)
         if reference is None:
             events.message("[cryo-forum] no reference map (give one, or train in this job): poses not refined")
         else:

@@ -243,9 +243,13 @@ def reconstruct(ps: ParticleSet, out_map, *, sym: str = "C1", halves: bool = Fal
 # ---------------------------------------------------------------------------------------------- refine
 
 
+MODEL_HALF_MAPS = ("reference_half1.mrc", "reference_half2.mrc")  # in a model directory: its training half-maps
+
+
 @dataclasses.dataclass
 class Reference:
-    """A reference for the refinement: one map, or two half-maps (gold standard), and its pixel size (Å)."""
+    """A reference for the refinement and its pixel size (Å): one map, two half-maps (gold standard), or one map
+    with half-maps whose FSC weights it ({'map', 'half1', 'half2'}, ``refine.reference.prepare_reference``)."""
 
     maps: np.ndarray | dict
     pixel_size: float
@@ -254,6 +258,7 @@ class Reference:
 
     @classmethod
     def from_files(cls, reference=None, half_maps=None) -> "Reference":
+        """From --reference MAP and/or --half-maps H1 H2 (both: the map, FSC-weighted by the half-maps)."""
         from cryoforum_plugin.formats.mrc import read_map
 
         if half_maps:
@@ -262,11 +267,31 @@ class Reference:
                 raise CryoforumError(f"the half-maps differ in box or pixel size ({h1.shape[0]} px at {apix:.3f} Å, "
                                      f"{h2.shape[0]} px at {apix2:.3f} Å).", path=half_maps[1],
                                      fix="pass the two half-maps of one refinement.")
-            return cls({"half1": h1, "half2": h2}, apix, f"half-maps {half_maps[0]}, {half_maps[1]}")
+            halves = cls({"half1": h1, "half2": h2}, apix, f"half-maps {half_maps[0]}, {half_maps[1]}")
+            return cls.from_files(reference).weighted_by(halves) if reference else halves
         if reference:
             vol, apix = read_map(reference)
             return cls(vol, apix, str(reference), str(Path(reference).resolve()))
         raise CryoforumError("no reference map.", fix="pass --reference MAP or --half-maps HALF1 HALF2.")
+
+    def weighted_by(self, halves: "Reference") -> "Reference":
+        """This one map, filtered in the refinement by the FSC of ``halves`` (brought onto this map's grid): a
+        consensus map refined against to Nyquist unfiltered aligns the particles' noise to its own."""
+        from cryoforum_plugin.physics.resample import map_on_particle_grid
+
+        d = self.maps.shape[-1]
+        on_grid = {k: map_on_particle_grid(halves.maps[k], d, self.pixel_size, halves.pixel_size, "cpu",
+                                           what="half-map").numpy() for k in ("half1", "half2")}
+        return Reference({"map": self.maps, **on_grid}, self.pixel_size,
+                         f"{self.source}, FSC-weighted by {halves.source}", self.path)
+
+    def with_model_half_maps(self, model_dir) -> "Reference":
+        """A one-map reference weighted by the half-maps of the model's training particles where the model
+        directory has them (``MODEL_HALF_MAPS``, written by a job that trained); otherwise itself."""
+        files = [Path(model_dir) / name for name in MODEL_HALF_MAPS]
+        if isinstance(self.maps, dict) or not all(f.exists() for f in files):
+            return self
+        return self.weighted_by(Reference.from_files(half_maps=files))
 
 
 def refine(ps: ParticleSet, reference: Reference, *, sym: str = "C1", global_search: str = "auto",

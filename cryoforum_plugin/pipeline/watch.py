@@ -88,7 +88,9 @@ class Watcher:
     def __init__(self, source: ParticleFiles, out_dir, model_dir, reference: steps.Reference | None, opts,
                  settings: WatchSettings, events: Events | None = None, project_dir=None, input_name=None):
         self.source, self.out, self.model_dir = source, Path(out_dir), Path(model_dir)
-        self.reference, self.opts, self.settings = reference, opts, settings
+        # a one-map reference is FSC-weighted by the model's training half-maps (as in the job that trained it)
+        self.reference = None if reference is None else reference.with_model_half_maps(model_dir)
+        self.opts, self.settings = opts, settings
         self.events = events or Events()
         self.step_events = StepEvents(self.events)
         self.project_dir, self.input_name = project_dir, str(input_name or source.path)

@@ -32,7 +32,7 @@ from cryoforum_plugin.refine.confidence import FALLBACK_CONFIDENCE, doubtful, pl
 from cryoforum_plugin.refine.global_search import GlobalBank, global_refine
 from cryoforum_plugin.refine.local_search import local_refine
 from cryoforum_plugin.refine.particle_terms import load_particle_terms, noise_weights
-from cryoforum_plugin.refine.reference import half_map_filter, prepare_reference
+from cryoforum_plugin.refine.reference import prepare_reference
 from cryoforum_plugin.refine.scoring import HalfPlaneCoefficients, SearchSettings, chunk_elements
 from cryoforum_plugin.runtime import resolve_device
 
@@ -100,7 +100,7 @@ class _Job:
     ps: ParticleSet
     reader: StackReader
     maps: dict  # {1: map, 2: map} on the particles' grid (prepare_reference)
-    shell_filter: np.ndarray | None  # per-shell weights of both half-maps (half_map_filter)
+    shell_filter: np.ndarray | None  # per-shell weights of the maps (prepare_reference: their half-maps' FSC)
     half: np.ndarray
     radius: np.ndarray
     q_start: np.ndarray
@@ -182,10 +182,10 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
            start_error_deg: np.ndarray | None = None, noise_spectrum: np.ndarray | None = None,
            resolution_A: float | None = None, batch: int = 128, device=None, progress: bool = True,
            abort_check=None, events=None) -> RefineResult:
-    """Refine the poses and shifts of ``ps`` against ``reference`` (a (D, D, D) map or {'half1', 'half2'}:
+    """Refine the poses and shifts of ``ps`` against ``reference`` (a (D, D, D) map; {'half1', 'half2'}:
     particles of half-set 1/2 use their half-map, RELION's gold standard: each half is matched against the map
     reconstructed from that half only; particles without a half-set get ``particles.half_sets``'s, the one the
-    reconstruction gives them too).
+    reconstruction gives them too; or {'map', 'half1', 'half2'}: the map, FSC-weighted by the half-maps').
 
     ``global_search``: "auto" (particles without a pose, ``uncertain`` ones, those whose ``start_error_deg``
     exceeds MAX_RADIUS_DEG, and, in a second pass, those whose local result is doubtful: a confidence below
@@ -207,8 +207,8 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     if n == 0:
         return RefineResult(np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0, bool), 0.0)
     apix, box = ps.require_one_sampling("refinement")
-    maps = prepare_reference(reference, reference_pixel_size, box, apix, dev)
-    shell_filter = half_map_filter(maps)  # gold standard: Wiener-filter each half-map by the half-map FSC
+    # gold standard: each half-map Wiener-filtered by the half-map FSC (a map given with half-maps: by theirs)
+    maps, shell_filter = prepare_reference(reference, reference_pixel_size, box, apix, dev)
     finest = max(2 * apix, 2 * float(reference_pixel_size), float(resolution_A or 0.0))
     r_max = min(box * apix / finest, box / 2 - 1)
     max_shift_px = (0.2 * box) if max_shift_A is None else float(max_shift_A) / apix
