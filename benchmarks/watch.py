@@ -116,13 +116,13 @@ def stream(args, work: Path) -> list[dict]:
     return rows
 
 
-def synthetic_batch(path: Path, rows: int, out_dir: Path) -> None:
+def synthetic_batch(path: Path, rows: int, out_dir: Path, fmt: str = "star") -> None:
     """One batch STAR of ``rows`` synthetic particles with every column a refined.star carries (poses, shifts, CTF,
     the three pose sets, uncertainty, figure of merit, refinement score and confidence, half-set, uid), written by
-    the stream's writer."""
+    the stream's writer (``fmt`` 'star' or 'cs')."""
     from cryoforum_plugin.formats.columns import REFINE_STAR
     from cryoforum_plugin.formats.particles import ParticleSet
-    from cryoforum_plugin.formats.stream_files import StarLayout, write_batch_star
+    from cryoforum_plugin.formats.stream_files import StarLayout, write_batch_cs, write_batch_star
     from cryoforum_plugin.physics.rotations import random_quats
 
     rng = np.random.default_rng(0)
@@ -136,18 +136,23 @@ def synthetic_batch(path: Path, rows: int, out_dir: Path) -> None:
                      uncertainty={"max": -rng.random(rows), "trace": -rng.random(rows)}, fom=rng.random(rows),
                      prior_quat=random_quats(rows, rng), predicted_quat=random_quats(rows, rng),
                      numeric={REFINE_STAR["score"]: rng.random(rows), REFINE_STAR["confidence"]: rng.random(rows)})
-    write_batch_star(ps, path, out_dir, StarLayout())
+    if fmt == "cs":
+        write_batch_cs(ps, path, out_dir)
+    else:
+        write_batch_star(ps, path, out_dir, StarLayout())
 
 
 def rewrite(args, work: Path) -> list[dict]:
     """The rewrite measurement (see the module docstring): one row per N."""
-    from cryoforum_plugin.formats.stream_files import merge_star
+    from cryoforum_plugin.formats.stream_files import merge_cs, merge_star
     from cryoforum_plugin.pipeline.ledger import Ledger
 
     out = work / "rewrite"
     out.mkdir()
-    template = out / "template.star"
-    synthetic_batch(template, args.batch_size, out)
+    fmt = args.rewrite_format
+    merge = merge_cs if fmt == "cs" else merge_star
+    template = out / f"template.{fmt}"
+    synthetic_batch(template, args.batch_size, out, fmt)
     results = []
     for total in args.rewrite_rows:
         batches = total // args.batch_size
@@ -155,16 +160,16 @@ def rewrite(args, work: Path) -> list[dict]:
         parts.mkdir()
         files = []
         for b in range(batches):
-            files.append(parts / f"{b:07d}.star")
+            files.append(parts / f"{b:07d}.{fmt}")
             os.link(template, files[-1])
         shares = {"predicted": 1.0, "refined": 1.0, "confident": 0.75, "rejected": 0.25}
         rss = _status_gb("VmRSS")
         reset_peak()
         start = time.perf_counter()
-        written = {name: merge_star(files[:max(1, int(round(share * batches)))], out / f"{name}.star")
+        written = {name: merge(files[:max(1, int(round(share * batches)))], out / f"{name}.{fmt}")
                    for name, share in shares.items()}
         seconds = time.perf_counter() - start
-        size_gb = sum((out / f"{name}.star").stat().st_size for name in shares) / 1e9
+        size_gb = sum((out / f"{name}.{fmt}").stat().st_size for name in shares) / 1e9
         memory = _status_gb("VmHWM") - rss
         rng = np.random.default_rng(1)  # the ledger's share of a batch: which keys are new, then the commit
         ledger_of = Ledger(out / "ledger")
@@ -174,7 +179,7 @@ def rewrite(args, work: Path) -> list[dict]:
         fresh = new[~ledger_of.done(new)]
         ledger_of.commit(1, fresh, np.zeros(len(fresh)), {})
         ledger = time.perf_counter() - start
-        results.append({"rows": total, "batch_files": batches, "rows_written": sum(written.values()),
+        results.append({"format": fmt, "rows": total, "batch_files": batches, "rows_written": sum(written.values()),
                         "rewrite_s": round(seconds, 3), "written_gb": round(size_gb, 3),
                         "gb_per_s": round(size_gb / seconds, 3), "memory_gb": round(memory, 3),
                         "ledger_s": round(ledger, 4)})
@@ -204,6 +209,8 @@ def main(argv=None) -> int:
                         "without its junk (coloured noise, ice, micrograph levels, normalisation, B-factors, views)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rewrite-format", choices=("star", "cs"), default="star",
+                        help="the merged outputs' format in the rewrite measurement (a .cs stream writes both)")
     parser.add_argument("--rewrite-rows", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--work", help="work directory (default: a temporary one, removed)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
         print(table(results["stream"], ["batch", "particles", "latency_s", "seconds", "rewrite_s",
                                         "global_searched", "rss_gb"]))
     if "rewrite" in results:
-        print(table(results["rewrite"], ["rows", "batch_files", "rows_written", "rewrite_s", "written_gb",
+        print(table(results["rewrite"], ["format", "rows", "batch_files", "rows_written", "rewrite_s", "written_gb",
                                          "gb_per_s", "memory_gb", "ledger_s"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -321,3 +321,77 @@ def test_output_merge_keeps_one_layout_and_costs_what_the_file_holds(tmp_path):
     with pytest.raises(CryoforumError, match="c.star: these particles have no column"):
         write_batch_star(c, tmp_path / "c.star", tmp_path, layout, source="c.star")
 
+
+
+def test_cs_merge_writes_what_append_many_writes(tmp_path):
+    """Batch .cs files with blob paths of five lengths, one batch with an extra field and one empty, merge into the
+    bytes ``Dataset.append_many(...).save()`` writes (the common fields, each string as wide as the widest), which
+    cryosparc-tools and formats/cs.py read back row for row."""
+    from cryosparc.dataset import Dataset
+
+    from cryoforum_plugin.formats.cs import read_cs
+    from cryoforum_plugin.formats.stream_files import merge_cs, write_batch_cs
+    from cryoforum_plugin.sim.dataset import simulate
+
+    simulate(DEFAULT_MAP, tmp_path / "sim", n=40, box=32, snr=1.0, seed=3, progress=False)
+    ps = read_star(tmp_path / "sim" / "particles.star")
+    stack = Path(ps.image_path[0])
+    parts, links = [], []
+    for k, (lo, hi) in enumerate([(0, 8), (8, 20), (20, 20), (20, 31), (31, 40)]):
+        batch = ps.subset(np.arange(lo, hi))
+        links.append(stack.with_name("s" * (1 + 7 * k) + ".mrcs"))
+        links[-1].symlink_to(stack)
+        batch.image_path = np.array([str(links[-1])] * len(batch), dtype=object)
+        if k == 1:
+            batch.numeric["cryoforum/extra"] = np.arange(len(batch), dtype=np.float64)
+        parts.append(tmp_path / f"{k}.cs")
+        write_batch_cs(batch, parts[-1], tmp_path)
+    widths = {np.load(p, mmap_mode="r").dtype["blob/path"].itemsize for p in parts}
+    assert len(widths) == 5  # the case to merge: one string width per batch
+    expected = Dataset.append_many(*(Dataset.load(str(p)) for p in parts))
+    expected.save(str(tmp_path / "expected.cs"))
+
+    assert merge_cs(parts, tmp_path / "merged.cs") == 40
+    assert (tmp_path / "merged.cs").read_bytes() == (tmp_path / "expected.cs").read_bytes()
+    merged = Dataset.load(str(tmp_path / "merged.cs"))
+    assert merged == expected and "cryoforum/extra" not in merged.fields()
+    back = read_cs(tmp_path / "merged.cs")
+    assert list(back.uid) == list(ps.uid)
+    assert [Path(p).name for p in back.image_path] == [links[k].name for k, n in enumerate([8, 12, 0, 11, 9])
+                                                       for _ in range(n)]
+    assert np.degrees(geodesic_errors(back.quat, ps.quat)).max() < 1e-3
+    (tmp_path / "cut.cs").write_bytes(parts[1].read_bytes()[:-3])
+    with pytest.raises(CryoforumError, match="cut.cs: cannot read this batch .cs file .*truncated"):
+        merge_cs([parts[0], tmp_path / "cut.cs"], tmp_path / "merged.cs")
+    assert Dataset.load(str(tmp_path / "merged.cs")) == expected  # the merged file is untouched
+
+
+def test_cs_merge_holds_one_batch_in_memory_not_the_stream(tmp_path):
+    """20 batch .cs files of 20,000 rows merge with a peak of traced memory (numpy's buffers are traced) under 3
+    batches' bytes: the rows are streamed, not loaded (loading them all is 20 batches' bytes and more)."""
+    import tracemalloc
+
+    from cryosparc.dataset import Dataset
+
+    from cryoforum_plugin.formats.stream_files import merge_cs
+
+    rows, batches = 20_000, 20
+    ds = Dataset.allocate(rows, [("blob/path", "O"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+                                 ("alignments3D/pose", "<f4", (3,)), ("ctf/df1_A", "<f4")])
+    ds["blob/idx"] = np.arange(rows)
+    parts = []
+    for b in range(batches):
+        ds["uid"] = np.arange(rows, dtype=np.uint64) + b * rows
+        ds["blob/path"] = np.array([f"J5/extract/{'m' * (b % 7)}_{i % 50}.mrc" for i in range(rows)], dtype=object)
+        parts.append(tmp_path / f"{b:02d}.cs")
+        ds.save(str(parts[-1]))
+    batch_bytes = max(p.stat().st_size for p in parts)
+    tracemalloc.start()
+    try:
+        assert merge_cs(parts, tmp_path / "merged.cs") == rows * batches
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * batch_bytes, (peak, batch_bytes)
+    merged = np.load(tmp_path / "merged.cs", mmap_mode="r")
+    assert merged.shape == (rows * batches,) and merged["uid"][-1] == rows * batches - 1

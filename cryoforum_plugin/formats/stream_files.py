@@ -4,13 +4,17 @@ batch is written once, in the stream's layout, and each merged file is rebuilt f
 STAR: the batches share one ``StarLayout`` (the particle columns of the first batch, in its order, and the optics
 groups of every batch so far, numbered once for the whole stream), so the merged STAR is the newest batch's header
 (its optics table holds every group) followed by the data rows of every batch, copied as bytes: a rebuild costs
-the bytes of the file and the memory of one batch file, never a parse of the whole stream. .cs: the batches'
-Datasets appended (their common fields).
+the bytes of the file and the memory of one batch file, never a parse of the whole stream. .cs: the batches are
+NumPy .npy structured arrays (cryosparc-tools' default ``Dataset.save`` format), so the merged .cs is one .npy
+header (the batches' common fields, each string field as wide as the widest batch's, for the total row count)
+followed by each batch's rows converted to that dtype, a chunk at a time: what ``Dataset.append_many(...).save()``
+writes, at the memory of one chunk (at most ``_CS_CHUNK_BYTES``) instead of the whole stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +111,13 @@ def write_batch_star(ps: ParticleSet, path, relative_to, layout: StarLayout,
 
 
 def write_batch_cs(ps: ParticleSet, path, out_dir, project_dir=None) -> None:
-    """Write one batch as a .cs whose blob paths resolve from ``out_dir`` (the directory of the merged file)."""
+    """Write one batch as a .cs whose blob paths resolve from ``out_dir`` (the directory of the merged file), in
+    the .npy format (``merge_cs`` streams its rows)."""
+    from cryosparc.dataset import NUMPY_FORMAT
+
     ds = to_dataset(ps, project_dir=project_dir, out_dir=Path(out_dir).resolve())
     with atomic_path(path) as tmp:
-        ds.save(str(tmp))
+        ds.save(str(tmp), format=NUMPY_FORMAT)
 
 
 def _body(data: bytes) -> tuple[int, int]:
@@ -142,11 +149,92 @@ def merge_star(parts: list, target) -> int:
     return rows
 
 
-def merge_cs(parts: list, target) -> int:
-    """Write ``target`` (atomically) as the batch .cs files ``parts`` appended; returns the number of rows."""
-    from cryosparc.dataset import Dataset
+_CS_CHUNK_BYTES = 1 << 23  # rows of a batch .cs converted and written at a time: at most 8 MiB
 
-    merged = Dataset.append_many(*(Dataset.load(str(p)) for p in parts))
-    with atomic_path(target) as tmp:
-        merged.save(str(tmp))
-    return len(merged)
+
+def _npy_header(f, path) -> tuple[int, np.dtype]:
+    """(rows, dtype) of the .npy file open as ``f`` (a batch .cs), read from its header only; ``f`` is left at the
+    first row. One clear error for a file that is not a 1-D .npy structured array."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if len(shape) != 1 or fortran or dtype.names is None:
+            raise ValueError(f"an array of shape {shape}, not a table")
+        if os.fstat(f.fileno()).st_size - f.tell() != shape[0] * dtype.itemsize:
+            raise ValueError(f"not the {shape[0]} rows its header says: truncated")
+    except ValueError as exc:
+        raise CryoforumError(f"cannot read this batch .cs file ({exc}).", path=path,
+                             fix="restore it, or start again: a new --out (or this one without watch_state/ and its "
+                                 "outputs) processes every particle again.") from None
+    return shape[0], dtype
+
+
+def _cs_union_dtype(headers: list[tuple[int, np.dtype]]) -> np.dtype:
+    """The dtype ``Dataset.append_many(...).save()`` gives the batches of ``headers`` [(rows, dtype)]: the fields
+    (as cryosparc-tools compares them: strings of any width alike) of every batch with rows (of the first batch
+    when none has), 'uid' first then in the first such batch's order; a string field as wide as its widest."""
+    from cryosparc.dataset.dtype import normalize_field
+
+    full = [dt for rows, dt in headers if rows > 0] or [headers[0][1]]
+
+    def fields(dt):
+        return {normalize_field(name, dt.fields[name][0]): name for name in dt.names}
+
+    common = set.intersection(*(set(fields(dt)) for dt in full))
+    names = sorted((name for key, name in fields(full[0]).items() if key in common), key=lambda n: n != "uid")
+    out = []
+    for name in names:
+        _, base, *shape = normalize_field(name, full[0].fields[name][0])
+        if full[0].fields[name][0].kind == "S":
+            out.append((name, f"S{max(dt.fields[name][0].itemsize for dt in full)}"))
+        else:
+            out.append((name, base, *shape))
+    return np.dtype(out)
+
+
+def _write_npy_header(out, rows: int, dtype: np.dtype) -> None:
+    """The .npy header ``np.save`` writes for a (rows,) array of ``dtype`` (format 1.0, or 2.0 when too large)."""
+    from numpy.lib import format as npy
+
+    header = {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
+    try:
+        npy.write_array_header_1_0(out, header)
+    except ValueError:
+        npy.write_array_header_2_0(out, header)
+
+
+def _copy_rows(f, rows: int, dtype: np.dtype, union: np.dtype, out) -> None:
+    """Append the ``rows`` rows of ``dtype`` that ``f`` holds from its position to ``out``, as ``union`` (its
+    fields; strings padded with NULs to their width), a chunk of at most ``_CS_CHUNK_BYTES`` at a time."""
+    step = max(1, _CS_CHUNK_BYTES // max(dtype.itemsize, union.itemsize))
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        chunk = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count)
+        converted = np.empty(count, union)
+        for name in union.names:
+            converted[name] = chunk[name]
+        out.write(converted.data)
+
+
+def merge_cs(parts: list, target) -> int:
+    """Write ``target`` (atomically) as the batch .cs files ``parts`` (.npy, ``write_batch_cs``) appended: the
+    content of ``Dataset.append_many(*parts).save()`` (``_cs_union_dtype``), streamed from the batch files with
+    the memory of one chunk (``_copy_rows``); returns the number of rows. The batches' uids are not compared: a
+    stream's batches hold distinct particles (keyed by uid)."""
+    parts = [Path(p) for p in parts]
+    headers = []
+    for part in parts:
+        with open(part, "rb") as f:
+            headers.append(_npy_header(f, part))
+    union = _cs_union_dtype(headers)
+    total = sum(rows for rows, _ in headers)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        _write_npy_header(out, total, union)
+        for part, (rows, dtype) in zip(parts, headers):
+            with open(part, "rb") as f:
+                _npy_header(f, part)
+                _copy_rows(f, rows, dtype, union, out)
+    return total
