@@ -87,7 +87,29 @@ def external(proj: Path, exe: str, parts: str, params: dict, threads: int, other
     return name
 
 
-def report(job: Path, truth, density_all: np.ndarray, rows: np.ndarray | None, drop: float) -> dict:
+def background_anisotropy(stack_path: Path) -> np.ndarray:
+    """(N,) log(largest / smallest) variance of 8 angular sectors of the ring outside RELION's normalisation
+    radius (``relion_bg_radius``) of each image: a candidate junk statistic from the images alone (ice blobs,
+    carbon, neighbours and off-centre particles put density in one side of the ring). Not in the product yet."""
+    import mrcfile
+
+    from cryoforum_plugin.physics.noise import relion_bg_radius
+
+    stack = mrcfile.mmap(stack_path).data
+    box = stack.shape[-1]
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    ring = (np.hypot(xx, yy) > relion_bg_radius(box)) & (np.hypot(xx, yy) < box / 2)
+    sector = (((np.arctan2(yy, xx) + np.pi) / (2 * np.pi) * 8).astype(int) % 8)[ring]
+    out = []
+    for lo in range(0, len(stack), 1000):
+        bg = np.asarray(stack[lo:lo + 1000], dtype=np.float64)[:, ring]
+        v = np.stack([bg[:, sector == k].var(1) for k in range(8)], 1)
+        out.append(np.log(v.max(1) / v.min(1)))
+    return np.concatenate(out)
+
+
+def report(job: Path, truth, density_all: np.ndarray, rows: np.ndarray | None, drop: float,
+           anisotropy: np.ndarray | None = None) -> dict:
     """One job's numbers against the truth (a ParticleSet with junk labels, (N,) view densities), on ``rows`` of
     its refined.star (None: all)."""
     refined, predicted = read_star(job / "refined.star"), read_star(job / "predicted.star")
@@ -123,7 +145,34 @@ def report(job: Path, truth, density_all: np.ndarray, rows: np.ndarray | None, d
                                    for k in JUNK_KINDS if k and (junk == k).any()}}
     unc = read_uncertainty(refined)
     out["statistics"] = {s: evaluate(uncertainty_score(unc, s)[r], junk, err, drop) for s in STATISTICS}
+    if anisotropy is not None:  # the candidate: trace and the background's anisotropy mixed by ranks (2 : 1)
+        from scipy.stats import rankdata
+
+        trace = uncertainty_score(unc, "trace")[r]
+        mixed = (rankdata(trace) + 0.5 * rankdata(anisotropy[t][r])) / 1.5
+        out["statistics"]["trace+anisotropy (candidate)"] = evaluate(mixed, junk, err, drop)
     return out
+
+
+def make_project(proj: Path, set_dir: Path, n_train: int) -> float:
+    """A fresh RELION project: the set linked as Set/, train.star and new.star, the consensus map
+    (relion_reconstruct, its seconds returned) and the two Import jobs, run."""
+    if proj.exists():
+        shutil.rmtree(proj)
+    proj.mkdir(parents=True)
+    os.symlink(set_dir.resolve(), proj / "Set")
+    (proj / "default_pipeline.star").write_text(
+        "\n# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter 1\n \n")
+    split_set(set_dir, proj, n_train)
+    t0 = time.time()
+    run(["relion_reconstruct", "--i", "train.star", "--o", "consensus.mrc", "--ctf"], proj)
+    seconds = round(time.time() - t0, 1)
+    for name in ("train.star", "new.star"):
+        run(["relion_pipeliner", "--addJob", "Import", "--addJobOptions",
+             f"do_raw == No;do_other == Yes;fn_in_other == {name};node_type == Particles STAR file (.star)"], proj)
+    for job in ("Import/job001/", "Import/job002/"):
+        run(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "1"], proj)
+    return seconds
 
 
 def main(argv=None):
@@ -137,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--drop", type=float, default=0.25, help="the jobs' default drop fraction (plugin.yaml)")
     ap.add_argument("--other-args", default="", help="the External jobs' additional arguments (default: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "relion_job")
+    ap.add_argument("--report-only", action="store_true", help="only recompute the report of a finished run in --out")
     args = ap.parse_args(argv)
     exe = shutil.which("cryoforum-relion") or str(Path(sys.executable).with_name("cryoforum-relion"))
     kind = {"noise": "real", "preferred_views": REALISTIC["preferred_views"],
@@ -150,36 +200,30 @@ def main(argv=None):
     results = {"command": " ".join(sys.argv), "set": set_summary(set_dir), "build_seconds": round(time.time() - t0, 1),
                "threads": args.threads, "other_args": args.other_args}
     proj = args.out / "project"
-    if proj.exists():
-        shutil.rmtree(proj)
-    proj.mkdir(parents=True)
-    os.symlink(set_dir.resolve(), proj / "Set")
-    (proj / "default_pipeline.star").write_text(
-        "\n# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter 1\n \n")
-    split_set(set_dir, proj, args.n_train)
-    t0 = time.time()
-    run(["relion_reconstruct", "--i", "train.star", "--o", "consensus.mrc", "--ctf"], proj)
-    results["consensus_seconds"] = round(time.time() - t0, 1)
-    for name in ("train.star", "new.star"):
-        run(["relion_pipeliner", "--addJob", "Import", "--addJobOptions",
-             f"do_raw == No;do_other == Yes;fn_in_other == {name};node_type == Particles STAR file (.star)"], proj)
-    for job in ("Import/job001/", "Import/job002/"):
-        run(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "1"], proj)
+    if args.report_only:  # the report again on a finished run's project (job003 trained, job004 predicted)
+        old = json.loads((args.out / "relion_job.json").read_text())
+        results.update({k: old[k] for k in ("consensus_seconds", "train_job_seconds", "predict_job_seconds")})
+        train_job, predict_job = "External/job003/", "External/job004/"
+    else:
+        results["consensus_seconds"] = make_project(proj, set_dir, args.n_train)
     truth = read_star(set_dir / "truth.star")
     density = starfile.read(set_dir / "truth.star")["particles"]["rlnCryoforumViewDensity"].to_numpy()
-    t0 = time.time()
-    train_job = external(proj, exe, "Import/job001/train.star", {"mode": "train_predict"}, args.threads,
-                         args.other_args)
-    results["train_job_seconds"] = round(time.time() - t0, 1)
+    aniso = background_anisotropy(set_dir / "parts.mrcs")
+    if not args.report_only:
+        t0 = time.time()
+        train_job = external(proj, exe, "Import/job001/train.star", {"mode": "train_predict"}, args.threads,
+                             args.other_args)
+        results["train_job_seconds"] = round(time.time() - t0, 1)
     refined = read_star(proj / train_job / "refined.star")
     val = np.nonzero(np.isin(refined.uid, ModelDir(proj / train_job / "model").split_uids("val")))[0]
-    results["train_job_validation"] = report(proj / train_job, truth, density, val, args.drop)
-    results["train_job_all"] = report(proj / train_job, truth, density, None, args.drop)
-    t0 = time.time()
-    predict_job = external(proj, exe, "Import/job002/new.star",
-                           {"mode": "predict", "model": f"{train_job}model"}, args.threads, args.other_args)
-    results["predict_job_seconds"] = round(time.time() - t0, 1)
-    results["predict_job_new"] = report(proj / predict_job, truth, density, None, args.drop)
+    results["train_job_validation"] = report(proj / train_job, truth, density, val, args.drop, aniso)
+    results["train_job_all"] = report(proj / train_job, truth, density, None, args.drop, aniso)
+    if not args.report_only:
+        t0 = time.time()
+        predict_job = external(proj, exe, "Import/job002/new.star",
+                               {"mode": "predict", "model": f"{train_job}model"}, args.threads, args.other_args)
+        results["predict_job_seconds"] = round(time.time() - t0, 1)
+    results["predict_job_new"] = report(proj / predict_job, truth, density, None, args.drop, aniso)
     results["domain_check"] = json.loads((proj / predict_job / "predict.json").read_text()).get("domain_check")
     (args.out / "relion_job.json").write_text(json.dumps(results, indent=1, default=float))
     print_tables(results)
@@ -201,7 +245,7 @@ def print_tables(res: dict) -> None:
         print(f"\n{key}: junk removed / good kept at the jobs' drop fraction")
         rows = res[key]["statistics"]
         kinds = [k for k in next(iter(rows.values())) if k.startswith("removed_")]
-        print(f"{'statistic':<14}{'AUROC':>6}{'junk out':>9}{'good kept':>10}  " + "  ".join(k[8:] for k in kinds))
+        print(f"{'statistic':<30}{'AUROC':>6}{'junk out':>9}{'good kept':>10}  " + "  ".join(k[8:] for k in kinds))
         for stat, r in rows.items():
             print(f"{stat:<14}{r['auroc_junk']:6.3f}{r['junk_removed']:9.1%}{r['good_kept']:10.1%}  "
                   + "  ".join(f"{r[k]:>{len(k) - 8}}" for k in kinds))
