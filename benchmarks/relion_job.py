@@ -247,7 +247,7 @@ def print_tables(res: dict) -> None:
         kinds = [k for k in next(iter(rows.values())) if k.startswith("removed_")]
         print(f"{'statistic':<30}{'AUROC':>6}{'junk out':>9}{'good kept':>10}  " + "  ".join(k[8:] for k in kinds))
         for stat, r in rows.items():
-            print(f"{stat:<14}{r['auroc_junk']:6.3f}{r['junk_removed']:9.1%}{r['good_kept']:10.1%}  "
+            print(f"{stat:<30}{r['auroc_junk']:6.3f}{r['junk_removed']:9.1%}{r['good_kept']:10.1%}  "
                   + "  ".join(f"{r[k]:>{len(k) - 8}}" for k in kinds))
         if "job_selection" in res[key]:
             print("the job's confident.star:", json.dumps(res[key]["job_selection"]))

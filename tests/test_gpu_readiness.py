@@ -207,3 +207,145 @@ def test_loader_processes_persist_from_pass_to_pass(small_sim_set):
     source.close()
     assert source._loader is None
     del iterator
+
+
+# ---------------------------------------------------------------- issue 23: no host round trip per synthetic batch
+
+def _no_reads_to_host(monkeypatch):
+    """Make every read of a tensor's values on the host fail (what would wait for a GPU)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("cpu", "numpy", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def simulator_inputs():
+    from cryoforum_plugin.data import DEFAULT_MAP
+    from cryoforum_plugin.formats.mrc import read_map
+    from cryoforum_plugin.physics.fourier import as_tensor
+    from cryoforum_plugin.physics.resample import resample
+
+    raw, apix = read_map(DEFAULT_MAP)
+    rng = np.random.default_rng(3)
+    du = rng.uniform(8000, 30000, 40)
+    pool = {"defocus_u": du, "defocus_v": du - 300, "defocus_angle": rng.uniform(0, 180, 40),
+            "voltage": np.full(40, 300.0), "cs": np.full(40, 2.7), "amp_contrast": np.full(40, 0.1),
+            "phase_shift": rng.uniform(0, 90, 40)}
+    return resample(as_tensor(raw), 32, 3), apix * raw.shape[0] / 32, pool, rng.uniform(-5, 5, (40, 2))
+
+
+@pytest.mark.parametrize("orientations", ["uniform", "pool"])
+def test_simulator_draws_on_the_generators_device_without_reading_back(simulator_inputs, monkeypatch, orientations):
+    """The device path (a GPU generator; here forced on the CPU) draws the same numbers in the same order as the
+    host path and keeps them as tensors: same pool rows and shifts, SNRs and images equal up to float rounding,
+    and no tensor read on the host."""
+    from cryoforum_plugin.sim import batches
+
+    vol, apix, pool, shifts = simulator_inputs
+    quats = np.random.default_rng(4).normal(size=(30, 4)) if orientations == "pool" else "uniform"
+    sim = batches.MapParticleSimulator(vol, apix, ctf_pool=pool, shift_pool_A=shifts, snr=(0.1, 1.0),
+                                       orientations=quats)
+    img, q, p = sim.batch(20, torch.Generator().manual_seed(1), return_params=True)
+    monkeypatch.setattr(batches, "_on_host", lambda device: False)
+    with monkeypatch.context() as m:
+        _no_reads_to_host(m)
+        img_d, q_d, p_d = sim.batch(20, torch.Generator().manual_seed(1), return_params=True)
+    assert isinstance(p_d["ctf_rows"], torch.Tensor) and isinstance(p_d["snr"], torch.Tensor)
+    assert np.array_equal(p_d["ctf_rows"].numpy(), p["ctf_rows"])
+    assert np.array_equal(p_d["shift_A"].numpy(), p["shift_A"])
+    assert np.allclose(p_d["snr"].numpy(), p["snr"], rtol=1e-12)
+    assert torch.allclose(q_d, q, atol=1e-6)
+    assert torch.allclose(img_d, img, atol=1e-4 * float(img.abs().max()))
+
+
+@pytest.mark.parametrize("sym", ["C1", "D7", "O"])
+def test_reduce_to_asu_and_normalize_on_tensors_match_numpy(sym):
+    from cryoforum_plugin.physics import rotations, symmetry
+
+    q = np.random.default_rng(5).normal(size=(200, 4))
+    expected = symmetry.reduce_to_asu(q, sym)
+    got = symmetry.reduce_to_asu(torch.as_tensor(q), sym)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    assert np.allclose(got.numpy(), expected, atol=1e-12)
+    assert np.allclose(rotations.normalize(torch.as_tensor(q)).numpy(), rotations.normalize(q), atol=1e-15)
+
+
+def test_pretraining_batch_stays_on_the_device(small_sim_set, tmp_path, monkeypatch):
+    """A pre-training batch with a GPU generator (the device path forced on the CPU), with --restrict-to-asu and
+    --phase-flip: simulated, targets reduced and phase flip computed without reading a tensor on the host; the
+    targets are the host path's up to rounding."""
+    from cryoforum_plugin.data import DEFAULT_MAP
+    from cryoforum_plugin.sim import batches
+
+    t = trainer(small_sim_set, tmp_path / "m", pretrain_steps=2, from_map=str(DEFAULT_MAP), sym="D2",
+                restrict_to_asu=True, phase_flip=True)
+    t.pretraining.setup()
+    state = t.pretraining.gen.get_state()
+    _, target, rows = t.pretraining.batch(0)
+    t.pretraining.gen.set_state(state)
+    monkeypatch.setattr(batches, "_on_host", lambda device: False)
+    with monkeypatch.context() as m:
+        _no_reads_to_host(m)
+        raw_d, target_d, rows_d = t.pretraining.batch(0)
+        from cryoforum_plugin.nn.preprocess import phase_flipped
+
+        flipped = phase_flipped(raw_d, t.pretraining.sim.ctf_table, rows_d, t.pretraining.sim.pixel_size)
+    assert torch.equal(rows_d, torch.as_tensor(rows)) and flipped.shape == raw_d.shape
+    assert torch.allclose(target_d, target, atol=1e-6)
+
+
+def test_ctf_images_copy_parameters_once_and_a_device_table_gives_the_same_images(monkeypatch):
+    """A CTF dict's rows go to the device in one transfer (not one per parameter); a ctf_table indexed on its
+    device gives bit-identical images."""
+    from cryoforum_plugin.physics import ctf as ctf_module
+
+    rng = np.random.default_rng(6)
+    pool = {k: rng.uniform(1, 2, 30) * s for k, s in
+            {"defocus_u": 2e4, "defocus_v": 1.9e4, "defocus_angle": 90, "voltage": 200, "cs": 2,
+             "amp_contrast": 0.05, "phase_shift": 40}.items()}
+    rows = np.array([4, 0, 29, 4])
+    expected = ctf_module.ctf_images(pool, rows, 24, 1.2)
+    copies = []
+    real = ctf_module.as_tensor
+    monkeypatch.setattr(ctf_module, "as_tensor", lambda *a, **k: copies.append(a[0].shape) or real(*a, **k))
+    assert torch.equal(ctf_module.ctf_images(pool, rows, 24, 1.2), expected) and copies == [(8, 4)]
+    table = real(np.stack([pool[k] for k in ctf_module.CTF_2D_ORDER]))
+    assert torch.equal(ctf_module.ctf_table(pool), table)
+    assert torch.equal(ctf_module.ctf_images(table, torch.as_tensor(rows), 24, 1.2), expected)
+    per_image = np.array([1.2, 1.3, 1.4, 1.5])
+    assert torch.equal(ctf_module.ctf_images(table, rows, 24, per_image),
+                       ctf_module.ctf_images(pool, rows, 24, per_image))
+
+
+# ---------------------------------------------------------------- issue 23: the cached image set on a GPU
+
+@pytest.mark.parametrize("free_gb, expected", [(80.0, True), (8.0, True), (7.9, False), (1.0, False)])
+def test_cache_goes_to_the_gpu_only_when_it_fits_the_documented_share_of_free_memory(monkeypatch, free_gb,
+                                                                                       expected):
+    from cryoforum_plugin.formats import loader
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (free_gb * 1e9, 80e9))
+    assert loader.GPU_CACHE_FRACTION == 0.25
+    assert loader.cache_on_device(2e9, torch.device("cuda:1")) is expected and asked == [torch.device("cuda:1")]
+    assert not loader.cache_on_device(2e9, torch.device("cpu")) and not loader.cache_on_device(2e9, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not loader.cache_on_device(1, torch.device("cuda"))
+
+
+def test_a_cache_placed_on_the_device_serves_its_batches_there(small_sim_set, monkeypatch):
+    """('meta' stands in for the GPU.) The cache moves to the device when ``cache_on_device`` says so; its
+    batches are gathered there; a CPU cache gives the same images as before."""
+    from cryoforum_plugin.formats import loader
+
+    rows = np.array([5, 2, 9])
+    host = ImageSource(small_sim_set, device=torch.device("cpu"))
+    assert host._cache.device.type == "cpu"
+    assert torch.equal(host.batch(rows), torch.from_numpy(small_sim_set.read_images(host.reader, rows)))
+    monkeypatch.setattr(loader, "cache_on_device", lambda nbytes, device: nbytes == host._cache.nbytes)
+    placed = ImageSource(small_sim_set, device=torch.device("meta"))
+    got = placed.batch(rows)
+    assert got.device.type == "meta" and got.shape == (3, *host._cache.shape[1:])

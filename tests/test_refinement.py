@@ -260,3 +260,32 @@ def test_refines_held_out_relion_particles(relion_set):
     err, serr = errors_deg(res, truth), shift_errors_px(res, truth)
     assert np.mean(err < 5) >= 0.9 and np.median(err) < 2.5, (np.median(err), np.mean(err < 5))
     assert np.median(serr) < 0.4, np.median(serr)
+
+
+def test_stack_reads_run_one_batch_ahead_in_order():
+    """The refinement reads the next batch's images in a background thread while the current one is scored: the
+    batches come in order with their own images, and no read runs more than one batch ahead."""
+    import threading
+    import types
+
+    from cryoforum_plugin.refine.driver import _read_ahead
+
+    log, main = [], threading.get_ident()
+
+    def read_images(reader, rows):
+        log.append(("read", int(rows[0]), threading.get_ident() != main))
+        return np.full((len(rows), 2, 2), float(rows[0]))
+
+    polls = []
+    job = types.SimpleNamespace(ps=types.SimpleNamespace(read_images=read_images), reader=None,
+                                abort_check=lambda: polls.append(1))
+    batches = [np.arange(lo, lo + 3) for lo in range(0, 12, 3)]
+    for rows, images in _read_ahead(job, batches):
+        log.append(("score", int(rows[0]), False))
+        assert np.all(images == rows[0]) and images.shape == (3, 2, 2)
+        reads = [r for kind, r, _ in log if kind == "read"]
+        assert max(reads) <= rows[0] + 3  # at most the next batch has been read (or is being read)
+    order = [(kind, r) for kind, r, _ in log]
+    assert [r for kind, r in order if kind == "score"] == [0, 3, 6, 9] and len(polls) == 4
+    assert [r for kind, r in order if kind == "read"] == [0, 3, 6, 9]
+    assert [background for kind, r, background in log if kind == "read"] == [False, True, True, True]

@@ -16,6 +16,19 @@ from cryoforum_plugin.formats.mrc import StackReader
 from cryoforum_plugin.formats.particles import ParticleSet, apply_image_sign
 
 MAX_AUTO_WORKERS = 8
+GPU_CACHE_FRACTION = 0.25
+"""A cached image set is kept in GPU memory when it takes at most this share of the GPU's free memory (the rest is
+left to the network's activations, the optimiser and the pre-training simulator)."""
+
+
+def cache_on_device(nbytes: int, device) -> bool:
+    """Whether a cached image set of ``nbytes`` bytes lives on ``device`` rather than in host memory: only on a
+    CUDA device that torch can use, and only when it fits in GPU_CACHE_FRACTION of that GPU's free memory
+    (torch.cuda.mem_get_info, read when the cache is made)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return nbytes <= GPU_CACHE_FRACTION * free
 
 
 def auto_workers(device: torch.device) -> int:
@@ -68,12 +81,15 @@ class ImageSource:
     """Raw images of a ParticleSet by row: ``batch(rows) -> (B, N, N) float32 tensor``, with their contrast sign
     applied (``ParticleSet.read_images``).
 
-    Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch);
-    larger ones are read from the stacks on every pass (``batches``: by loader processes, ahead of the network;
-    the processes persist from pass to pass, each with its open files, until ``close``).
+    Sets smaller than ``cache_bytes`` are read once and kept in memory (training reads each image every epoch):
+    on ``device`` when it is a GPU with room for them (``cache_on_device``: batches are then gathered there, no
+    copy at all), else in host memory, whose batches for a GPU are gathered into pinned memory (``batches``'
+    ``pin_memory``: their copies are asynchronous). Larger sets are read from the stacks on every pass
+    (``batches``: by loader processes, ahead of the network; the processes persist from pass to pass, each with
+    its open files, until ``close``).
     """
 
-    def __init__(self, ps: ParticleSet, cache_bytes: float = 2e9, max_open: int = 64):
+    def __init__(self, ps: ParticleSet, cache_bytes: float = 2e9, max_open: int = 64, device=None):
         self.ps = ps
         self.reader = StackReader(max_open=max_open)
         box = int(ps.box[0]) if len(ps) else 0
@@ -82,12 +98,21 @@ class ImageSource:
         if len(ps) * box * box * 4 <= cache_bytes:
             self._cache = torch.from_numpy(ps.read_images(self.reader, np.arange(len(ps))))
             self.reader.close()
+            if cache_on_device(self._cache.nbytes, device):
+                self._cache = self._cache.to(device)
 
-    def batch(self, rows) -> torch.Tensor:
+    def batch(self, rows, pin_memory: bool = False) -> torch.Tensor:
+        """(B, N, N) float32 images of ``rows``: on the cache's device (the CPU for a streamed set);
+        ``pin_memory``: a batch in host memory is made in pinned memory (for asynchronous copies to a GPU)."""
         rows = np.asarray(rows)
-        if self._cache is not None:
-            return self._cache[torch.as_tensor(rows)]
-        return torch.from_numpy(self.ps.read_images(self.reader, rows))
+        if self._cache is None:
+            images = torch.from_numpy(self.ps.read_images(self.reader, rows))
+            return images.pin_memory() if pin_memory else images
+        index = torch.as_tensor(rows).to(self._cache.device)
+        if not pin_memory or self._cache.is_cuda:
+            return self._cache[index]
+        out = torch.empty((len(rows), *self._cache.shape[1:]), dtype=self._cache.dtype, pin_memory=True)
+        return torch.index_select(self._cache, 0, index, out=out)  # gathered straight into pinned memory
 
     def batches(self, rows: np.ndarray, batch: int, workers: int = 0,
                 pin_memory: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -97,8 +122,7 @@ class ImageSource:
         batches = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
         if self._cache is not None or workers <= 0 or len(batches) <= 1:
             for rows in batches:
-                images = self.batch(rows)
-                yield np.asarray(rows), images.pin_memory() if pin_memory and self._cache is None else images
+                yield np.asarray(rows), self.batch(rows, pin_memory)
             return
         loader = self._loader_for(workers, pin_memory)
         self._sampler.batches = batches

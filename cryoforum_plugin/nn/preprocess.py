@@ -130,10 +130,10 @@ class Preprocess(nn.Module):
         return {"applied": applied, "colour": round(colour, 3), "spectrum": [round(float(v), 6) for v in relative]}
 
 
-def phase_flipped(raw: torch.Tensor, ctf: dict, rows, pixel_size) -> torch.Tensor:
+def phase_flipped(raw: torch.Tensor, ctf, rows, pixel_size) -> torch.Tensor:
     """(B, N, N) raw images -> the same images with every Fourier component multiplied by the sign of the image's
-    CTF (``ctf``: a CTF dict as ParticleSet.ctf, ``rows`` into it, ``pixel_size`` Å of the raw grid, scalar or
-    (B,)). Without a CTF (``ctf`` None) the images are returned unchanged."""
+    CTF (``ctf``: a CTF dict as ParticleSet.ctf or a ``physics.ctf.ctf_table`` on the images' device, ``rows``
+    into it, ``pixel_size`` Å of the raw grid, scalar or (B,)). Without a CTF (``ctf`` None) the images are returned unchanged."""
     if ctf is None:
         return raw
     sign = torch.sign(ctf_images(ctf, rows, raw.shape[-1], pixel_size, raw.device))

@@ -47,15 +47,35 @@ def ctf_2d(defocus_u_A: torch.Tensor, defocus_v_A: torch.Tensor, astigmatism_ang
     return -torch.sin(chi)
 
 
-def ctf_images(ctf: dict, rows, box: int, pixel_size, device=None) -> torch.Tensor:
-    """CTF images (B, box, box) for the particles ``rows`` of a CTF dict (per-particle arrays keyed as
-    ``columns.CTF_FIELDS``: defocus Å, angles degrees, kV, mm) at ``pixel_size`` Å (scalar or (B,)): the
-    particle set's CTF columns handed to ``ctf_2d``."""
+CTF_2D_ORDER = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift")
+"""The CTF dict's keys in ``ctf_2d``'s argument order (the rows of a ``ctf_table``)."""
+
+
+def _host_table(ctf: dict, rows) -> np.ndarray:
+    """(7, B) float64: the CTF dict's values of ``rows`` (an index array or a slice), in CTF_2D_ORDER."""
+    return np.stack([np.asarray(ctf[k], dtype=np.float64)[rows] for k in CTF_2D_ORDER])
+
+
+def ctf_table(ctf: dict, device=None) -> torch.Tensor:
+    """(7, M) float32 tensor on ``device``: every particle's parameters of a CTF dict, one row per key of
+    CTF_2D_ORDER, copied in one transfer; ``ctf_images`` indexes it on the device."""
+    return as_tensor(_host_table(ctf, slice(None)), device)
+
+
+def ctf_images(ctf, rows, box: int, pixel_size, device=None) -> torch.Tensor:
+    """CTF images (B, box, box) for the particles ``rows`` at ``pixel_size`` Å (scalar or (B,)), handed to
+    ``ctf_2d``. ``ctf``: a CTF dict (per-particle arrays keyed as ``columns.CTF_FIELDS``: defocus Å, angles degrees,
+    kV, mm), whose rows are copied to ``device`` in one transfer; or a ``ctf_table`` of every particle already on
+    its device, indexed there by ``rows`` (an array, or a tensor on that device: no transfer at all with a scalar
+    ``pixel_size``; the images are on the table's device)."""
+    if isinstance(ctf, torch.Tensor):
+        params = ctf[:, torch.as_tensor(rows, device=ctf.device)]
+        if np.ndim(pixel_size) == 0:
+            apix = torch.full(params.shape[1:], float(pixel_size), dtype=params.dtype, device=ctf.device)
+        else:
+            apix = as_tensor(np.asarray(pixel_size, dtype=np.float64), ctf.device)
+        return ctf_2d(*params, apix, box)
     rows = np.asarray(rows)
-
-    def get(key):
-        return as_tensor(np.asarray(ctf[key], dtype=np.float64)[rows], device)
-
-    return ctf_2d(get("defocus_u"), get("defocus_v"), get("defocus_angle"), get("voltage"), get("cs"),
-                  get("amp_contrast"), get("phase_shift"),
-                  as_tensor(np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), rows.shape), device), box)
+    apix = np.broadcast_to(np.asarray(pixel_size, dtype=np.float64), rows.shape)
+    table = np.concatenate([_host_table(ctf, rows), apix[None]])  # (8, B): one copy to the device
+    return ctf_2d(*as_tensor(table, device), box)

@@ -21,6 +21,10 @@ from cryoforum_plugin.physics.fourier import (
 
 
 def _matrices(quats, device) -> torch.Tensor:
+    """(B, 3, 3) float32 matrices on ``device`` of (B, 4) unit quaternions: a tensor's computed where it is (no
+    copy from the host), an array's on the host (scipy, float64)."""
+    if isinstance(quats, torch.Tensor):
+        return rotations.quat_to_matrix_torch(quats.to(device, torch.float64)).float()
     return as_tensor(rotations.quat_to_matrix(np.asarray(quats, dtype=np.float64)), device)
 
 

@@ -68,7 +68,13 @@ def geodesic(p, q, eps: float = 1e-7):
 
 
 def normalize(q):
-    """Unit quaternion with a non-negative scalar part (a canonical sign for storage and display)."""
+    """Unit quaternion with a non-negative scalar part (a canonical sign for storage and display). A tensor stays a
+    tensor (its device and dtype); anything else becomes float64 NumPy."""
+    if _is_torch(q):
+        import torch
+
+        q = q / q.norm(dim=-1, keepdim=True)
+        return torch.where(q[..., :1] < 0, -q, q)
     q = np.asarray(q, dtype=np.float64)
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     return np.where(q[..., :1] < 0, -q, q)

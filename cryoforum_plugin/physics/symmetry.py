@@ -13,6 +13,7 @@ import math
 import re
 
 import numpy as np
+import torch
 from scipy.spatial.transform import Rotation
 
 from cryoforum_plugin.physics import rotations
@@ -120,21 +121,32 @@ def symmetric_dot(a, b, group):
 _REF_DIRECTION = np.array([1e-3, 0.0, 1.0]) / np.linalg.norm([1e-3, 0.0, 1.0])
 
 
-def reduce_to_asu(q, name: str) -> np.ndarray:
+def reduce_to_asu(q, name: str):
     """Map each (N, 4) rotation to the canonical member of its symmetry class ``{q ⊗ g}``.
 
     The member whose viewing direction lies in the asymmetric unit is chosen (ties, for directions on a
     symmetry axis, broken by the in-plane angle), so symmetry-equivalent poses reduce to the same quaternion.
+    A tensor is reduced on its device (float64 NumPy otherwise).
     """
-    q = np.asarray(q, dtype=np.float64).reshape(-1, 4)
-    group = group_quats(name)
+    on_device = rotations._is_torch(q)
+    q = q.reshape(-1, 4) if on_device else np.asarray(q, dtype=np.float64).reshape(-1, 4)
+    group, ref = _constants_on(q.device, q.dtype, name) if on_device else (group_quats(name), _REF_DIRECTION)
     if len(group) == 1:
         return rotations.normalize(q)
     members = rotations.quat_mul(q[:, None, :], group[None])  # (N, G, 4)
-    mats = rotations.quat_to_matrix(members.reshape(-1, 4)).reshape(len(q), len(group), 3, 3)
-    score = mats[:, :, 2, :] @ _REF_DIRECTION + 1e-7 * mats[:, :, 0, 0]
-    best = np.argmax(score, axis=1)
-    return rotations.normalize(members[np.arange(len(q)), best])
+    to_matrix = rotations.quat_to_matrix_torch if on_device else rotations.quat_to_matrix
+    mats = to_matrix(members.reshape(-1, 4)).reshape(len(q), len(group), 3, 3)
+    score = mats[:, :, 2, :] @ ref + 1e-7 * mats[:, :, 0, 0]
+    best = score.argmax(1)
+    rows = torch.arange(len(q), device=q.device) if on_device else np.arange(len(q))
+    return rotations.normalize(members[rows, best])
+
+
+@functools.lru_cache(maxsize=16)
+def _constants_on(device, dtype, name: str) -> tuple:
+    """(``group_quats(name)`` (G, 4), the reference direction (3,)) as tensors on ``device``, copied once."""
+    return (torch.as_tensor(group_quats(name), dtype=dtype, device=device),
+            torch.as_tensor(_REF_DIRECTION, dtype=dtype, device=device))
 
 
 def in_asu(q, name: str, tol: float = 1e-6) -> np.ndarray:

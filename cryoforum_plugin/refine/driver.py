@@ -15,6 +15,7 @@ likelihood is kept.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 import math
 import time
 
@@ -117,9 +118,11 @@ class _Job:
 
 
 @torch.no_grad()
-def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows: np.ndarray) -> _Poses:
-    """Refine particles ``rows`` against ``projector``: globally when a ``bank`` is given, else locally."""
-    data = load_particle_terms(job.ps, job.reader, rows, job.coef, job.whiten, job.centre, job.device)
+def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows: np.ndarray,
+                  images: np.ndarray) -> _Poses:
+    """Refine particles ``rows`` (their (B, N, N) ``images``) against ``projector``: globally when a ``bank`` is
+    given, else locally."""
+    data = load_particle_terms(job.ps, images, rows, job.coef, job.whiten, job.centre, job.device)
     if bank is not None:
         q, shift, cc, ll, conf = global_refine(projector, bank, job.coef, data, job.settings)
     else:
@@ -147,14 +150,26 @@ def _refine_pass(job: _Job, rows_sel: np.ndarray, is_global: bool, label: str) -
             bank = GlobalBank(projector, job.coef, job.settings, job.sym) if is_global else None
         if not is_global:
             sel = sel[np.argsort(job.radius[sel], kind="stable")]
-        for lo in range(0, len(sel), job.batch_size):
-            if job.abort_check is not None:
-                job.abort_check()
-            rows = sel[lo:lo + job.batch_size]
-            parts.append(_refine_batch(job, projector, bank, rows))
+        batches = [sel[lo:lo + job.batch_size] for lo in range(0, len(sel), job.batch_size)]
+        for rows, images in _read_ahead(job, batches):
+            parts.append(_refine_batch(job, projector, bank, rows, images))
             bar.update(len(rows))
     bar.close()
     return _Poses.concat(parts)
+
+
+def _read_ahead(job: _Job, batches: list[np.ndarray]):
+    """Yield (rows, their (B, N, N) images) for each batch of rows in order, the abort check polled before each;
+    a background thread reads the next batch's images while the caller scores the current one (one batch ahead,
+    so at most two batches of images are held; only that thread reads while it runs)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, rows in enumerate(batches):
+            if job.abort_check is not None:
+                job.abort_check()
+            images = pending.result() if pending is not None else job.ps.read_images(job.reader, rows)
+            pending = pool.submit(job.ps.read_images, job.reader, batches[i + 1]) if i + 1 < len(batches) else None
+            yield rows, images
 
 
 def _routes(ps: ParticleSet, global_search: str, uncertain, start_error_deg) -> tuple[np.ndarray, np.ndarray]:

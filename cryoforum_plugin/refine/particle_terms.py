@@ -55,12 +55,13 @@ def noise_weights(ps: ParticleSet, reader: StackReader, spectrum, coef: HalfPlan
     return whitening(shape * level, coef.shell, box)
 
 
-def load_particle_terms(ps: ParticleSet, reader: StackReader, rows: np.ndarray, coef: HalfPlaneCoefficients,
+def load_particle_terms(ps: ParticleSet, images: np.ndarray, rows: np.ndarray, coef: HalfPlaneCoefficients,
                         whiten: torch.Tensor, centre: np.ndarray, dev) -> ParticleTerms:
-    """The terms of particles ``rows``: their images and CTFs on the coefficient list, weighted by ``whiten``
-    (K,) = 1/N; ``centre`` (N, 2): every particle's start shift in pixels."""
+    """The terms of particles ``rows`` from their (B, N, N) ``images`` (``ps.read_images``): images and CTFs on
+    the coefficient list, weighted by ``whiten`` (K,) = 1/N; ``centre`` (N, 2): every particle's start shift in
+    pixels."""
     box = coef.box
-    images = torch.from_numpy(ps.read_images(reader, rows)).to(dev)
+    images = torch.from_numpy(images).to(dev)
     x = fft2c(images).reshape(len(rows), -1)[:, coef.flat]  # (B, K)
     if ps.ctf is None:
         c = torch.ones_like(x.real)

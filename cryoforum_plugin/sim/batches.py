@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from cryoforum_plugin.physics import rotations
-from cryoforum_plugin.physics.ctf import ctf_images
+from cryoforum_plugin.physics.ctf import ctf_images, ctf_table
 from cryoforum_plugin.physics.fourier import as_tensor
 from cryoforum_plugin.physics.resample import resample
-from cryoforum_plugin.physics.noise import NoiseModel
+from cryoforum_plugin.physics.noise import NoiseModel, coloured_noise
 from cryoforum_plugin.formats.columns import CTF_FIELDS
 from cryoforum_plugin.physics.projector import Projector
 
@@ -23,6 +23,12 @@ def snr_at(progress: float, start_snr: float, end_snr: float) -> float:
     progress is clipped to [0, 1]."""
     t = min(max(float(progress), 0.0), 1.0)
     return float(start_snr) * (float(end_snr) / float(start_snr)) ** t
+
+
+def _on_host(device: torch.device) -> bool:
+    """Whether a generator on ``device`` draws the simulator's parameters as NumPy arrays (the CPU) rather than
+    as tensors kept on the device (a GPU)."""
+    return device.type == "cpu"
 
 
 class MapParticleSimulator:
@@ -60,6 +66,9 @@ class MapParticleSimulator:
             if len(ctf_pool["defocus_u"]) == 0:
                 raise ValueError("empty ctf_pool")
         self.ctf_pool = ctf_pool
+        # the pool's CTF parameters on the device, copied once (ctf_images indexes them there)
+        self.ctf_table = None if ctf_pool is None else ctf_table(ctf_pool, self.device)
+        self._device_pools: dict = {}  # _pools_on's tensors per device
         self.shift_pool_A = None if shift_pool_A is None else np.asarray(shift_pool_A, np.float64).reshape(-1, 2)
         if self.shift_pool_A is not None and len(self.shift_pool_A) == 0:
             raise ValueError("empty shift_pool_A")
@@ -68,6 +77,7 @@ class MapParticleSimulator:
             noise = NoiseModel(np.ones(k), np.zeros(k), float("nan"), self.pixel_size, self.box)
         self.noise = noise.resampled(self.box, self.pixel_size)
         self.noise_var = self.noise.noise_variance
+        self._spectrum = as_tensor(np.asarray(self.noise.spectrum, np.float64), self.device)  # copied once
         if isinstance(orientations, str):
             if orientations != "uniform":
                 raise ValueError(f"orientations must be 'uniform' or an (M, 4) array, not {orientations!r}")
@@ -104,29 +114,46 @@ class MapParticleSimulator:
 
     # ---------------------------------------------------------------- internals
 
+    def _pools_on(self, device: torch.device) -> dict:
+        """The orientation and shift pools as float64 tensors on ``device`` (copied once per device)."""
+        if device not in self._device_pools:
+            self._device_pools[device] = {
+                "quat": None if self.quat_pool is None else torch.as_tensor(self.quat_pool, device=device),
+                "shift": None if self.shift_pool_A is None else torch.as_tensor(self.shift_pool_A, device=device)}
+        return self._device_pools[device]
+
     def _draw(self, n: int, generator: torch.Generator | None):
-        """Random parameters for n images, all drawn from ``generator`` in a fixed order."""
+        """Random parameters for n images, all drawn from ``generator`` in a fixed order: (quat (n, 4) float64,
+        snr (n,), {"quat", "ctf_rows" (n,) pool rows or None, "shift_A" (n, 2) Å}). A CPU generator (or None)
+        gives NumPy arrays; a GPU generator gives tensors on its device, the same draws, never copied to the host
+        (no wait for the GPU)."""
         gd = generator.device if generator is not None else torch.device("cpu")
+        host = _on_host(gd)
+        pools = {"quat": self.quat_pool, "shift": self.shift_pool_A} if host else self._pools_on(gd)
+
+        def drawn(t):
+            return t.cpu().numpy() if host else t
 
         def rows(m):
-            return torch.randint(0, m, (n,), generator=generator, device=gd).cpu().numpy()
+            return drawn(torch.randint(0, m, (n,), generator=generator, device=gd))
 
         if self.quat_pool is None:
-            q = torch.randn((n, 4), generator=generator, device=gd, dtype=torch.float64).cpu().numpy()
-            q = rotations.normalize(q)
+            q = rotations.normalize(drawn(torch.randn((n, 4), generator=generator, device=gd, dtype=torch.float64)))
         else:
-            q = self.quat_pool[rows(len(self.quat_pool))]
+            q = pools["quat"][rows(len(self.quat_pool))]
         ctf_rows = rows(len(self.ctf_pool["defocus_u"])) if self.ctf_pool is not None else None
-        shift = (self.shift_pool_A[rows(len(self.shift_pool_A))] if self.shift_pool_A is not None
-                 else np.zeros((n, 2)))
-        lo, hi = self.snr_range
-        u = torch.rand((n,), generator=generator, device=gd, dtype=torch.float64).cpu().numpy()
-        snr = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
+        if self.shift_pool_A is not None:
+            shift = pools["shift"][rows(len(self.shift_pool_A))]
+        else:
+            shift = np.zeros((n, 2)) if host else torch.zeros((n, 2), dtype=torch.float64, device=gd)
+        lo, hi = (float(np.log(v)) for v in self.snr_range)
+        u = drawn(torch.rand((n,), generator=generator, device=gd, dtype=torch.float64))
+        log_snr = lo + u * (hi - lo)  # a tensor stays on its device
+        snr = np.exp(log_snr) if host else torch.exp(log_snr)
         return q, snr, {"quat": q, "ctf_rows": ctf_rows, "shift_A": shift}
 
     def _clean(self, p: dict) -> torch.Tensor:
-        c = None if p["ctf_rows"] is None else ctf_images(self.ctf_pool, p["ctf_rows"], self.box, self.pixel_size,
-                                                        self.device)
+        c = None if p["ctf_rows"] is None else ctf_images(self.ctf_table, p["ctf_rows"], self.box, self.pixel_size)
         return self.projector.project(p["quat"], as_tensor(p["shift_A"] / self.pixel_size, self.device), c)
 
     # ---------------------------------------------------------------- public
@@ -144,7 +171,8 @@ class MapParticleSimulator:
 
         ``snr_scale`` multiplies every image's SNR (for an anneal: ``snr_at(progress, a, b) / base``).
         ``return_params``: also return a dict with ``ctf_rows`` (into the pool, or None), ``shift_A`` (n, 2),
-        ``snr`` (n,) and ``quat`` (n, 4) float64.
+        ``snr`` (n,) and ``quat`` (n, 4) float64: NumPy arrays with a CPU generator, tensors on the generator's
+        device with a GPU one (``_draw``).
         """
         q, snr, p = self._draw(n, generator)
         snr = snr * float(snr_scale)
@@ -155,7 +183,7 @@ class MapParticleSimulator:
         else:
             var = torch.full((n,), self._mean_signal_var, device=self.device)
         img = img * torch.sqrt(target / var)[:, None, None]
-        img = img + self.noise.sample(n, generator, self.device)
+        img = img + coloured_noise(n, self.box, self._spectrum, generator, self.device)
         quats = torch.as_tensor(q, dtype=torch.float32, device=self.device)
         if return_params:
             return img, quats, {**p, "snr": snr}

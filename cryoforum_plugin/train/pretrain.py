@@ -216,13 +216,17 @@ class Pretraining:
             return end
         return snr_at(step / max(self.cfg.synthetic_snr_anneal * self.cfg.pretrain_steps, 1), start, end)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | torch.Tensor | None]:
         """One freshly simulated batch at ``step``, before preprocessing and augmentation: (raw images (B, N, N)
         on the device, their (B, 4) target quaternions on the device (in the asymmetric unit with
-        --restrict-to-asu), their rows of ``sim.ctf_pool`` (None without CTFs))."""
+        --restrict-to-asu), their rows of ``sim.ctf_pool`` (None without CTFs; a tensor on the device with a GPU
+        generator: sim.batches.MapParticleSimulator._draw))."""
         snr = self.snr_at(step)
         raw, quats, p = self.sim.batch(self.cfg.batch, self.gen, snr_scale=snr / self.info["snr"], return_params=True)
-        q = rotations.normalize(quats.double().cpu().numpy())
+        q = quats.double()
+        if not isinstance(p["quat"], torch.Tensor):  # drawn on the host (a CPU generator): reduced there as ever
+            q = q.cpu().numpy()
+        q = rotations.normalize(q)  # a GPU generator's draws are reduced on the GPU: the targets never leave it
         if self.cfg.restrict_to_asu:
             q = symmetry.reduce_to_asu(q, self.cfg.sym)
         target = torch.as_tensor(q, dtype=torch.float32, device=self.device)

@@ -93,11 +93,12 @@ class Trainer:
         if len(self.split["train"]) < 2 or len(self.split["val"]) < 1:
             raise CryoforumError(f"too few particles ({len(ps)}) for a training and a validation set.", path=ps.path,
                                  fix="use more particles or a smaller --test-fraction / larger --val-fraction.")
-        self.source = ImageSource(ps, cache_bytes=cache_gb * 1e9)
+        self.source = ImageSource(ps, cache_bytes=cache_gb * 1e9, device=device)  # a GPU keeps it if it fits
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         rows = self.split["train"][: min(2000, len(self.split["train"]))]
-        sample = to_model_grid(self.source.batch(rows), ps.pixel_size[rows], float(ps.pixel_size[0]), int(ps.box[0]))
+        sample = self.source.batch(rows).cpu()  # fitted on the host (a GPU may hold the cache)
+        sample = to_model_grid(sample, ps.pixel_size[rows], float(ps.pixel_size[0]), int(ps.box[0]))
         self.pre, self.net = build(config)
         self.whitening = self.pre.fit(sample, config.whiten)  # config.json's record (None with --whiten off)
         self.pre.to(device)
@@ -233,7 +234,7 @@ class Trainer:
         """(network input, targets) of one freshly simulated (``Pretraining.batch``), augmented batch."""
         raw, target, ctf_rows = self.pretraining.batch(step)
         sim = self.pretraining.sim
-        return self._network_input(raw, target, True, sim.ctf_pool, ctf_rows, sim.pixel_size)
+        return self._network_input(raw, target, True, sim.ctf_table, ctf_rows, sim.pixel_size)
 
     def _pretrain(self) -> None:
         """The pre-training steps left, a log row and a checkpoint every ``pretrain_log_every`` steps; with
