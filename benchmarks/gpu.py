@@ -4,8 +4,10 @@
 Phases, in this order; OUT/gpu.json is rewritten after every row, so a run cut short keeps what finished:
 
 - ``eigh``: the QCQP head's float64 eigh (nn.model.qcqp_solve), forward and forward+backward, per batch size;
-- ``forward``: the network alone at 128 px, full width, QCQP and grid heads, three settings: default,
-  cudnn.benchmark, channels_last (+ cudnn.benchmark); bf16 autocast on CUDA, as ``predict`` runs it;
+- ``forward``: the network alone at 128 px, full width, QCQP and grid heads, four settings: default,
+  cudnn.benchmark, channels_last (+ cudnn.benchmark), compile (``--compile``: runtime.compiled, + cudnn.benchmark;
+  CUDA only: on a CPU, or when compiling fails, a ``skipped_cases`` entry with "cpu" or the error's text instead);
+  bf16 autocast on CUDA, as ``predict`` runs it;
 - ``prediction``: ``infer.predict.predict`` end to end (stream, preprocess, network, head) on simulated particles
   (sim.dataset.simulate), an untrained model of the gpu preset's architecture, loader workers auto vs 0;
 - ``training_step``: a Trainer of ``--preset gpu`` and ``--preset paper`` (batch 256, 128 px, full width): input
@@ -53,7 +55,7 @@ from cryoforum_plugin.physics import rotations  # noqa: E402
 from cryoforum_plugin.physics.resample import resized_map  # noqa: E402
 from cryoforum_plugin.progress import Events  # noqa: E402
 from cryoforum_plugin.refine.driver import refine  # noqa: E402
-from cryoforum_plugin.runtime import resolve_device  # noqa: E402
+from cryoforum_plugin.runtime import compiled, resolve_device  # noqa: E402
 from cryoforum_plugin.sim.dataset import simulate  # noqa: E402
 from cryoforum_plugin.train.config import TrainConfig, build  # noqa: E402
 from cryoforum_plugin.train.model_dir import ModelDir  # noqa: E402
@@ -132,6 +134,13 @@ class Report:
         details = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
         print(f"{phase:<14}{case:<34}{rate:>12.1f} {unit:<12}{details}", flush=True)
 
+    def skip(self, phase: str, case: str, why: str) -> None:
+        """A case that did not run (``why``: 'cpu', or an error's text), listed beside the phase's rows."""
+        self.data["phases"].setdefault(phase, {"rows": []}).setdefault("skipped_cases", []).append(
+            {"case": case, "skipped": why})
+        self.path.write_text(json.dumps(self.data, indent=1))
+        print(f"{phase:<14}{case:<34}{'skipped':>12} {why[:200]}", flush=True)
+
     def done(self, phase: str, seconds: float) -> None:
         self.data["phases"].setdefault(phase, {"rows": []})["seconds"] = round(seconds, 1)
         self.path.write_text(json.dumps(self.data, indent=1))
@@ -162,16 +171,26 @@ def phase_forward(rep: Report, dev: torch.device, z: dict, work: Path) -> None:
         pre, net = build(TrainConfig(box=z["box"], width=z["width"], head=head))
         net = net.to(dev).eval()
         x = torch.randn(z["forward_batch"], pre.channels, z["box"], z["box"], device=dev)
-        for setting in ("default", "cudnn.benchmark", "channels_last"):
+        for setting in ("default", "cudnn.benchmark", "channels_last", "compile"):
             torch.backends.cudnn.benchmark = setting != "default"
             fmt = torch.channels_last if setting == "channels_last" else torch.contiguous_format
             net, xs = net.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            if setting == "compile" and dev.type != "cuda":
+                rep.skip("forward", f"{head} {setting}", "cpu")
+                continue
+            model = compiled(net, dev, setting == "compile")  # net itself for the other settings
 
             def forward():
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    net(xs)
+                    model(xs)
 
-            s = seconds_per_call(forward, dev, z["min_seconds"])
+            try:
+                s = seconds_per_call(forward, dev, z["min_seconds"])  # the warm-up call compiles
+            except Exception as err:  # torch.compile can fail on an install (no Triton, an old GPU): recorded
+                if setting != "compile":
+                    raise
+                rep.skip("forward", f"{head} {setting}", f"{type(err).__name__}: {err}"[:2000])
+                continue
             rep.add("forward", f"{head} {setting}", len(x) / s, "images/s", batch=len(x), box=z["box"],
                     width=z["width"])
     torch.backends.cudnn.benchmark = False

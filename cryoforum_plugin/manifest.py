@@ -49,7 +49,7 @@ def defaults(job_name: str) -> dict:
 
 
 TRAIN_RUNTIME = frozenset({"particles", "out", "project_dir", "preset", "resume", "device", "threads", "cache_gb",
-                           "workers"})
+                           "workers", "compile"})
 """The train job's parameters that are files and run-time settings, not options of the trained model."""
 SHARED_TRAIN_OPTIONS = frozenset({"sym"})
 """Model options that other steps of a job also read (the refinement's and the reconstruction's point group): they

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from cryoforum_plugin.errors import CryoforumError
+from cryoforum_plugin.progress import Events
 
 # torch >= 2.3 binds the process group to one GPU (device_id); older versions guess it from the current device
 _INIT_TAKES_DEVICE_ID = "device_id" in inspect.signature(dist.init_process_group).parameters
@@ -205,3 +206,19 @@ def tune_for(device: torch.device) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+COMPILE_CPU_NOTE = "--compile is for CUDA devices; ignored on the CPU"
+
+
+def compiled(module: torch.nn.Module, device: torch.device, enabled: bool,
+             events: Events | None = None) -> torch.nn.Module:
+    """``module`` for the forward passes under ``--compile``: wrapped by ``torch.compile`` on a CUDA device (same
+    parameters; the wrapper's state_dict keys gain '_orig_mod.', so checkpoints are saved from and loaded into
+    ``module`` itself), else ``module`` unchanged; on another device one note through ``events`` (never fails)."""
+    if not enabled:
+        return module
+    if device.type != "cuda":
+        (events or Events()).message(COMPILE_CPU_NOTE)
+        return module
+    return torch.compile(module)

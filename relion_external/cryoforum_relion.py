@@ -149,7 +149,7 @@ def run(args, job_dir: Path) -> list[tuple[str, str]] | None:
         from cryoforum_plugin.train.config import TrainConfig
 
         steps.train(ps, model_dir, TrainConfig.from_args(opts), device=opts.device, resume=True,
-                    workers=opts.workers, cache_gb=opts.cache_gb, events=events)
+                    workers=opts.workers, cache_gb=opts.cache_gb, events=events, compile=opts.compile)
         from cryoforum_plugin.train.model_dir import ModelDir
 
         return [(str(ModelDir(model_dir).best_path), "model")]

@@ -53,6 +53,8 @@ def test_quick_gpu_benchmark_on_the_cpu_writes_every_phase(tmp_path):
         for row in phase["rows"]:
             assert row["rate"] > 0 and math.isfinite(row["rate"]), (name, row)
     assert all(math.isfinite(v) for v in _numbers(data))
+    assert data["phases"]["forward"]["skipped_cases"] == [{"case": "qcqp compile", "skipped": "cpu"},
+                                                          {"case": "grid compile", "skipped": "cpu"}]
     assert {r["case"].split(" batch")[0] for r in data["phases"]["refinement"]["rows"]} == {"local 32 px",
                                                                                            "global 32 px"}
     # the numbers are the product's: the refinement improves on its 10° starts and finds random ones

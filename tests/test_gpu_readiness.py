@@ -349,3 +349,68 @@ def test_a_cache_placed_on_the_device_serves_its_batches_there(small_sim_set, mo
     placed = ImageSource(small_sim_set, device=torch.device("meta"))
     got = placed.batch(rows)
     assert got.device.type == "meta" and got.shape == (3, *host._cache.shape[1:])
+
+
+class _Wrapped(torch.nn.Module):
+    """What torch.compile returns, for a CPU test: a wrapper whose state_dict keys gain '_orig_mod.'."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+def test_compile_wraps_the_network_only_on_cuda(monkeypatch, capsys):
+    from cryoforum_plugin import runtime
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m: calls.append(m) or _Wrapped(m))
+    net = torch.nn.Linear(2, 2)
+    out = runtime.compiled(net, torch.device("cuda"), True)  # nothing runs on the device
+    assert isinstance(out, _Wrapped) and calls == [net] and out._orig_mod is net
+    assert capsys.readouterr().out == ""
+    assert runtime.compiled(net, torch.device("cuda"), False) is net  # --compile not given
+    assert runtime.compiled(net, torch.device("cpu"), True) is net and calls == [net]
+    assert capsys.readouterr().out == runtime.COMPILE_CPU_NOTE + "\n"
+
+
+def test_compile_option_reaches_training_and_prediction_from_the_cli(small_sim_set, tmp_path, capsys):
+    """``--compile`` on the CPU: one note from train (and one from predict), training and prediction run, and the
+    checkpoints are the un-compiled network's."""
+    from cryoforum_plugin.cli import build_parser, main as cli
+    from cryoforum_plugin.pipeline import options as pipeline_options
+    from cryoforum_plugin.runtime import COMPILE_CPU_NOTE
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--particles", "p.star"]).compile is False
+    assert pipeline_options.options_from(parser.parse_args(["run", "--train", "p.star", "--compile"])).compile
+    model = tmp_path / "m"
+    assert cli(["train", "--particles", str(small_sim_set.path), "--out", str(model), "--preset", "paper",
+                "--box", "32", "--width", "0.125", "--batch", "32", "--epochs", "1", "--device", "cpu",
+                "--compile"]) == 0
+    assert capsys.readouterr().out.count(COMPILE_CPU_NOTE) == 1
+    assert "compile" not in json.loads((model / "config.json").read_text())["config"]  # a run-time setting
+    state = ModelDir(model).best_state()
+    assert state["model"] and not any(k.startswith("_orig_mod.") for k in state["model"])
+    assert cli(["predict", "--model", str(model), "--particles", str(small_sim_set.path), "--out",
+                str(tmp_path / "p"), "--device", "cpu", "--compile"]) == 0
+    assert capsys.readouterr().out.count(COMPILE_CPU_NOTE) == 1
+    assert (tmp_path / "p" / "predicted.star").is_file()
+
+
+def test_a_compiled_network_trains_and_checkpoints_the_bare_one(small_sim_set, tmp_path, monkeypatch):
+    """The trainer runs its passes through what runtime.compiled returns (here a wrapper that prefixes keys, as
+    torch.compile's does) while last.pt/best.pt hold the bare network's keys, so a run resumes either way."""
+    from cryoforum_plugin.train import trainer as trainer_module
+
+    seen = []
+    monkeypatch.setattr(trainer_module.runtime, "compiled", lambda m, d, on, ev: seen.append(on) or _Wrapped(m))
+    t = Trainer(small_sim_set, tmp_path / "m", TrainConfig(**TINY), torch.device("cpu"), progress=False,
+                compile=True)
+    assert seen == [True] and isinstance(t.net, _Wrapped) and t.net._orig_mod is t.model
+    t.train()
+    keys = set(ModelDir(tmp_path / "m").best_state()["model"])
+    assert keys == set(t.model.state_dict()) and not any(k.startswith("_orig_mod.") for k in keys)
+    assert trainer(small_sim_set, tmp_path / "m").resume()  # a run without --compile continues it

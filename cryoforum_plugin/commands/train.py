@@ -15,4 +15,4 @@ def main(args):
     set_threads(args.threads)
     ps = read_particles(args.particles, project_dir=args.project_dir)
     steps.train(ps, args.out, TrainConfig.from_args(args), device=args.device, resume=args.resume,
-                workers=args.workers, cache_gb=args.cache_gb)
+                workers=args.workers, cache_gb=args.cache_gb, compile=args.compile)

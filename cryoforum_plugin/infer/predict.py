@@ -53,10 +53,12 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
 
 @torch.no_grad()
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
-            events: Events | None = None, workers: int = -1, precision: str | None = None) -> Prediction:
+            events: Events | None = None, workers: int = -1, precision: str | None = None,
+            compile: bool = False) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
     ``precision``: the network's (nn.precision.resolve; None: the model's --precision, auto for older models).
+    ``compile``: --compile (runtime.compiled: torch.compile on CUDA; the model is loaded before it wraps).
     The batches' results stay on the device until the end (no wait for the GPU per batch).
     Images are preprocessed on ``device`` by the model's own preprocessing, its whitening (--whiten) by the noise
     spectrum stored at training included: prediction never re-estimates it. Under torchrun each process predicts its block and rank 0 returns the
@@ -77,6 +79,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     group = torch.as_tensor(symmetry.group_quats(cfg["sym"]), dtype=torch.float32, device=device)
     dtype, _ = numeric.resolve(precision or cfg.get("precision", "auto"), device)
     runtime.tune_for(device)
+    net = runtime.compiled(net, device, compile, events)
     source = ImageSource(ps, cache_bytes=0)
     n = len(ps)
     mine = runtime.shard(n)  # all rows when not distributed

@@ -83,14 +83,14 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
             config.from_map = reference.path  # pre-train on projections of the consensus map the job was given
         summary = train(train_set, model_dir, config, device=opts.device,
                         resume=bool(opts.resume) and ModelDir(model_dir).has_checkpoint, workers=opts.workers,
-                        cache_gb=opts.cache_gb, events=events)
+                        cache_gb=opts.cache_gb, events=events, compile=opts.compile)
     target = predict_set if predict_set is not None else train_set
     if target is None:
         raise CryoforumError("nothing to predict.", fix="give the particles to predict.")
     events.message(f"[cryo-forum] predicting {len(target)} particles with {model_dir}")
     # every rank predicts its block (under torchrun); rank 0 gets the merged set, the others None
     predicted, pred = predict(target, model_dir, device=opts.device, tta=opts.tta, workers=opts.workers,
-                              events=events, precision=opts.precision)  # None: the model's
+                              events=events, precision=opts.precision, compile=opts.compile)  # None: the model's
     if predicted is None:
         return None
     events.check_abort()

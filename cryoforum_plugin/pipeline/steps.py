@@ -38,15 +38,16 @@ from cryoforum_plugin.train.model_dir import ModelDir
 
 
 def train(ps: ParticleSet, model_dir, config: TrainConfig, *, device="auto", resume: bool = False,
-          workers: int = -1, cache_gb: float = 2.0, events: Events | None = None) -> dict:
-    """Train on ``ps`` (poses required) into ``model_dir``; ``resume`` continues from its last.pt.
+          workers: int = -1, cache_gb: float = 2.0, events: Events | None = None, compile: bool = False) -> dict:
+    """Train on ``ps`` (poses required) into ``model_dir``; ``resume`` continues from its last.pt; ``compile``:
+    --compile (runtime.compiled).
     Returns {'best_val_median_rad', 'epochs', 'log', 'rank'}."""
     from cryoforum_plugin.train.trainer import Trainer
 
     events = events or Events()
     ps.validate_images()
     trainer = Trainer(ps, model_dir, config, resolve_device(device), events=events, workers=workers,
-                      cache_gb=cache_gb)
+                      cache_gb=cache_gb, compile=compile)
     if resume and trainer.resume():
         events.message(f"resumed from {ModelDir(model_dir).last_path} at epoch {trainer.epoch}")
     summary = trainer.train()
@@ -101,15 +102,17 @@ def write_predict_json(out_dir, fields: dict) -> Path:
 
 def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta: int = 1, workers: int = -1,
             events: Events | None = None,
-            precision: str | None = None) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
+            precision: str | None = None,
+            compile: bool = False) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
     """Predicted poses and uncertainty for every particle: (the set with predicted poses and the uncertainty
     columns, the raw Prediction, whose ``domain_check`` says whether the model fits them: ``domain_check``).
-    ``precision``: --precision (None: the model's). Under torchrun the non-zero ranks return (None, None)."""
+    ``precision``: --precision (None: the model's); ``compile``: --compile. Under torchrun the non-zero ranks
+    return (None, None)."""
     from cryoforum_plugin.infer.predict import predict as run_prediction
 
     ps.validate_images()
     pred = run_prediction(ps, model_dir, device=resolve_device(device), batch=batch, tta=tta, events=events,
-                          workers=workers, precision=precision)
+                          workers=workers, precision=precision, compile=compile)
     if pred is None:
         return None, None
     pred.domain_check = domain_check(ps, pred, model_dir, device=device, events=events)

@@ -53,7 +53,7 @@ class Trainer:
     """Trains on a ParticleSet with poses and writes MODEL_DIR (config.json, split.json, best.pt, last.pt, log.csv)."""
 
     def __init__(self, ps: ParticleSet, out_dir, config: TrainConfig, device: torch.device, progress: bool = True,
-                 events: Events | None = None, workers: int = -1, cache_gb: float = 2.0):
+                 events: Events | None = None, workers: int = -1, cache_gb: float = 2.0, compile: bool = False):
         if not ps.has_poses.all():
             r = int(np.argmax(~ps.has_poses))
             raise CryoforumError("training particles need poses; this one has none.", path=ps.path, row=r,
@@ -111,6 +111,7 @@ class Trainer:
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device] if device.type == "cuda" else None)
+        self.net = runtime.compiled(self.net, device, compile, self.events)  # --compile: CUDA only
         self.per_rank = len(self.split["train"]) // self.world
         self.steps_per_epoch = math.ceil(self.per_rank / config.batch)
         if self.total_steps < 1:
