@@ -116,3 +116,15 @@ def test_a_map_given_with_half_maps_is_refined_against_fsc_weighted(tmp_path):
         (model / name).write_bytes((d / f"{half}.mrc").read_bytes())
     weighted = steps.Reference.from_files(d / "consensus.mrc").with_model_half_maps(model)
     assert set(weighted.maps) == {"map", "half1", "half2"} and "FSC-weighted" in weighted.source
+
+
+def test_a_missing_map_is_one_clear_error_about_the_map(tmp_path, capsys):
+    """A mistyped --reference or --half-maps path names the map and says to check its path (it used to say "image
+    stack not found ... check the image names in the particle file")."""
+    d = tmp_path
+    assert cli(["simulate", str(DEFAULT_MAP), "--out", str(d / "sim"), "--n", "4", "--box", "32", "--seed", "1"]) == 0
+    for args in (["--reference", str(d / "nope.mrc")], ["--half-maps", str(d / "h1.mrc"), str(d / "h2.mrc")]):
+        code = cli(["refine", "--particles", str(d / "sim" / "particles.star"), *args, "--out", str(d / "r")])
+        err = capsys.readouterr().err
+        assert code == 2 and "map not found" in err and "image names" not in err and "Traceback" not in err, err
+        assert ("nope.mrc" in err) or ("h1.mrc" in err)

@@ -15,17 +15,21 @@ from cryoforum_plugin.formats.atomic import atomic_path
 from cryoforum_plugin.errors import CryoforumError
 
 
-def _open(path, header_only: bool = False):
+def _open(path, header_only: bool = False, what: str = "stack"):
+    """The MRC file at ``path`` (memory-mapped, or its header only); one clear error when it is missing or not MRC,
+    worded for ``what`` it is: an image "stack" (named by a particle file) or a "map"."""
     try:
         if header_only:
             return mrcfile.open(str(path), mode="r", permissive=True, header_only=True)
         return mrcfile.mmap(str(path), mode="r", permissive=True)
     except FileNotFoundError:
+        if what == "map":
+            raise CryoforumError("map not found.", path=path, fix="check the map's path (.mrc).") from None
         raise CryoforumError("image stack not found.", path=path,
                              fix="check the image names in the particle file and the project directory.") from None
     except (ValueError, OSError) as exc:
-        raise CryoforumError(f"cannot read as MRC ({exc}).", path=path,
-                             fix="the file must be an MRC image stack (.mrcs/.mrc).") from None
+        kind = "a 3-D map (.mrc)" if what == "map" else "an MRC image stack (.mrcs/.mrc)"
+        raise CryoforumError(f"cannot read as MRC ({exc}).", path=path, fix=f"the file must be {kind}.") from None
 
 
 def stack_shape(path) -> tuple[int, int, int]:
@@ -135,7 +139,7 @@ def read_map(path) -> tuple[np.ndarray, float]:
     """A 3-D map -> (volume (z, y, x) float32, pixel size Å). Non-cubic or odd maps are zero-padded to an even cube
     n³ around their centre voxel: the voxel at s // 2 of each axis (the FFT centre, RELION's convention) lands at
     n // 2, as fourier.pad_real places it."""
-    with _open(path) as mrc:
+    with _open(path, what="map") as mrc:
         vol = np.asarray(mrc.data, dtype=np.float32)
         voxel = float(mrc.voxel_size.x)
     if vol.ndim != 3:
