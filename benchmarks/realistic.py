@@ -297,13 +297,18 @@ def spectrum_agreement(info: dict | None, set_dir: Path) -> dict | None:
             "estimated": [float(v) for v in est], "true": [float(v) for v in true]}
 
 
+def realistic_set() -> dict:
+    """make_relion_set's keywords for issue 21's set d (``cryoforum simulate --realistic``'s values)."""
+    return {"noise": "real", "preferred_views": REALISTIC["preferred_views"],
+            "bfactor": (REALISTIC["bfactor_min"], REALISTIC["bfactor_max"]),
+            "junk_fraction": REALISTIC["junk_fraction"], "junk_kinds": REALISTIC["junk_kinds"],
+            "defocus": (REALISTIC["defocus_min"], REALISTIC["defocus_max"])}
+
+
 def set_options(args) -> dict:
     """make_relion_set's keywords from the command line (--realistic: issue 21's set d)."""
     if args.realistic:
-        return {"noise": "real", "preferred_views": REALISTIC["preferred_views"],
-                "bfactor": (REALISTIC["bfactor_min"], REALISTIC["bfactor_max"]),
-                "junk_fraction": REALISTIC["junk_fraction"], "junk_kinds": REALISTIC["junk_kinds"],
-                "defocus": (REALISTIC["defocus_min"], REALISTIC["defocus_max"])}
+        return realistic_set()
     lo, hi = (float(v) for v in args.bfactor.split(","))
     return {"noise": args.noise, "preferred_views": args.preferred_views, "bfactor": (lo, hi),
             "junk_fraction": args.junk_fraction, "junk_kinds": args.junk_kinds}

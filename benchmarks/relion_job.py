@@ -41,14 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from realistic import make_relion_set, set_summary  # noqa: E402
+from realistic import make_relion_set, realistic_set, set_summary, truth_labels  # noqa: E402
 from selection import STATISTICS, evaluate  # noqa: E402
 
 from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
 from cryoforum_plugin.infer.select import read_uncertainty, uncertainty_score  # noqa: E402
 from cryoforum_plugin.sim.junk import JUNK_KINDS  # noqa: E402
-from cryoforum_plugin.sim.realism import REALISTIC  # noqa: E402
 from cryoforum_plugin.train.model_dir import ModelDir  # noqa: E402
 
 
@@ -189,10 +188,7 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true", help="only recompute the report of a finished run in --out")
     args = ap.parse_args(argv)
     exe = shutil.which("cryoforum-relion") or str(Path(sys.executable).with_name("cryoforum-relion"))
-    kind = {"noise": "real", "preferred_views": REALISTIC["preferred_views"],
-            "bfactor": (REALISTIC["bfactor_min"], REALISTIC["bfactor_max"]),
-            "junk_fraction": REALISTIC["junk_fraction"], "junk_kinds": REALISTIC["junk_kinds"],
-            "defocus": (REALISTIC["defocus_min"], REALISTIC["defocus_max"])}
+    kind = realistic_set()
     n = args.n_train + args.n_new
     set_dir = args.out / f"set_n{n}_b{args.box}_snr{args.snr:g}_s{args.seed}"
     t0 = time.time()
@@ -207,7 +203,7 @@ def main(argv=None):
     else:
         results["consensus_seconds"] = make_project(proj, set_dir, args.n_train)
     truth = read_star(set_dir / "truth.star")
-    density = starfile.read(set_dir / "truth.star")["particles"]["rlnCryoforumViewDensity"].to_numpy()
+    density = truth_labels(set_dir, len(truth))[1]
     aniso = background_anisotropy(set_dir / "parts.mrcs")
     if not args.report_only:
         t0 = time.time()

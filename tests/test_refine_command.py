@@ -116,6 +116,10 @@ def test_a_map_given_with_half_maps_is_refined_against_fsc_weighted(tmp_path):
         (model / name).write_bytes((d / f"{half}.mrc").read_bytes())
     weighted = steps.Reference.from_files(d / "consensus.mrc").with_model_half_maps(model)
     assert set(weighted.maps) == {"map", "half1", "half2"} and "FSC-weighted" in weighted.source
+    # half-maps given as the reference (--half-maps, a cryoSPARC volume with map_half_A/B) stay the gold standard
+    # in a job that trains (it weights a given reference by its training half-maps) and in a predict job
+    gold = steps.Reference.from_files(half_maps=[d / "half1.mrc", d / "half2.mrc"])
+    assert gold.weighted_by(weighted) is gold and gold.with_model_half_maps(model) is gold
 
 
 def test_a_missing_map_is_one_clear_error_about_the_map(tmp_path, capsys):

@@ -277,11 +277,19 @@ class Reference:
             return cls(vol, apix, str(reference), str(Path(reference).resolve()))
         raise CryoforumError("no reference map.", fix="pass --reference MAP or --half-maps HALF1 HALF2.")
 
+    @property
+    def one_map(self) -> bool:
+        """One map without half-maps (neither gold standard nor already weighted)."""
+        return not isinstance(self.maps, dict)
+
     def weighted_by(self, halves: "Reference") -> "Reference":
         """This one map, filtered in the refinement by the FSC of ``halves`` (brought onto this map's grid): a
-        consensus map refined against to Nyquist unfiltered aligns the particles' noise to its own."""
+        consensus map refined against to Nyquist unfiltered aligns the particles' noise to its own. A reference
+        with half-maps of its own (gold standard, or already weighted) is returned as it is."""
         from cryoforum_plugin.physics.resample import map_on_particle_grid
 
+        if not self.one_map:
+            return self
         d = self.maps.shape[-1]
         on_grid = {k: map_on_particle_grid(halves.maps[k], d, self.pixel_size, halves.pixel_size, "cpu",
                                            what="half-map").numpy() for k in ("half1", "half2")}
@@ -292,7 +300,7 @@ class Reference:
         """A one-map reference weighted by the half-maps of the model's training particles where the model
         directory has them (``MODEL_HALF_MAPS``, written by a job that trained); otherwise itself."""
         files = [Path(model_dir) / name for name in MODEL_HALF_MAPS]
-        if isinstance(self.maps, dict) or not all(f.exists() for f in files):
+        if not self.one_map or not all(f.exists() for f in files):
             return self
         return self.weighted_by(Reference.from_files(half_maps=files))
 
