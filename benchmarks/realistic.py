@@ -51,7 +51,7 @@ from cryoforum_plugin.formats.mrc import write_mrc  # noqa: E402
 from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.physics.ctf import ctf_images  # noqa: E402
 from cryoforum_plugin.physics.projector import Projector  # noqa: E402
-from cryoforum_plugin.physics.resample import resized_map  # noqa: E402
+from cryoforum_plugin.physics.resample import map_on_particle_grid, resized_map  # noqa: E402
 from cryoforum_plugin.sim import realism  # noqa: E402
 from cryoforum_plugin.sim.junk import JunkMaker, MAKER_KINDS, assign_junk, parse_junk_kinds  # noqa: E402
 from cryoforum_plugin.sim.junk import particle_radius_px  # noqa: E402
@@ -153,7 +153,8 @@ def step_timing(ps, cfg, steps: int = 20) -> dict:
 
 def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int, noise: str = "white",
                     preferred_views: float = 0.0, bfactor: tuple = (0.0, 0.0), junk_fraction: float = 0.0,
-                    junk_kinds: str = REALISTIC["junk_kinds"], defocus: tuple = (10000.0, 25000.0)) -> Path:
+                    junk_kinds: str = REALISTIC["junk_kinds"], defocus: tuple = (10000.0, 25000.0),
+                    volume: Path | None = None) -> Path:
     """relion_project particles: random poses, shifts up to 3 px, defocus ``defocus`` Å (1-2.5 µm) with up to
     0.1 µm astigmatism, and noise of the given SNR: 'white' (relion_project --add_noise), 'coloured' (relion_project's
     clean images plus Gaussian noise of the spectrum ``noise.lorentzian_with_bump()``: strong low-frequency power
@@ -166,11 +167,15 @@ def make_relion_set(d: Path, n: int, box: int, snr: float, seed: int, noise: str
     ``bfactor`` (min, max) Å² envelopes (rlnCtfBfactor), ``junk_fraction`` of ``junk_kinds`` (set d; off-centre
     particles are projected by relion_project at a wrong origin). ``truth.star`` beside ``parts.star`` holds
     rlnCryoforumJunk and rlnCryoforumViewDensity (``realism.view_density``: the rarest 10 % of views).
+    ``volume``: another protein's map, placed on the embedded map's grid at this box (the same pixel size; the
+    domain check's other protein); None: the embedded 70S-like map.
     """
     if (d / "parts.star").exists():
         return d / "parts.star"
     d.mkdir(parents=True, exist_ok=True)
     vol, apix = resized_map(DEFAULT_MAP, box)
+    if volume is not None:
+        vol = map_on_particle_grid(str(volume), box, apix)
     write_mrc(d / "map.mrc", vol.numpy(), apix)
     rng = np.random.default_rng(seed)
     rng_real = np.random.default_rng([seed, 21])  # issue 21's draws: the white and coloured sets stay as they were

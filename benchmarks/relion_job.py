@@ -20,7 +20,10 @@ job003: all new particles, fresh held-out): the network's error (good particles)
 within 5°), shift error, the refinement's global-search fraction, the error on the rarest 10 % of views against the
 rest, junk removed per kind and good particles kept by the job's own confident.star / rejected.star, the same for
 every selection statistic (``cryoforum filter --statistic``) at the job's drop fraction, and job003's domain check.
-JSON: OUT/relion_job.json.
+Then the domain check's other side: ``--n-new`` particles of β-galactosidase made by the same recipe (same box, pixel
+size, SNR; the embedded β-gal map on the 70S map's grid), imported and predicted by a third External job (mode
+predict, job002's model) whose predict.json must say the model does not fit (``--report-only`` runs it on a
+finished project that lacks it). JSON: OUT/relion_job.json.
 """
 
 from __future__ import annotations
@@ -58,15 +61,48 @@ def run(args: list, cwd: Path) -> None:
         raise SystemExit(f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def split_set(set_dir: Path, proj: Path, n_train: int) -> None:
-    """train.star (the first n_train rows, consensus poses) and new.star (the rest, no angles, no origins)."""
+POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+
+
+def split_set(set_dir: Path, proj: Path, n_train: int, link: str = "Set", names=("train.star", "new.star")) -> None:
+    """``names[0]``: the first n_train rows with their consensus poses; ``names[1]``: the rest without angles or
+    origins (new particles); the set's stack is read through the project's link ``link``/."""
     star = starfile.read(set_dir / "parts.star")
     parts = star["particles"].copy()
-    parts["rlnImageName"] = [name.replace("parts.mrcs", "Set/parts.mrcs") for name in parts["rlnImageName"]]
-    starfile.write({"optics": star["optics"], "particles": parts.iloc[:n_train]}, proj / "train.star")
-    new = parts.iloc[n_train:].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                                             "rlnOriginYAngst"])
-    starfile.write({"optics": star["optics"], "particles": new}, proj / "new.star")
+    parts["rlnImageName"] = [name.replace("parts.mrcs", f"{link}/parts.mrcs") for name in parts["rlnImageName"]]
+    if n_train:
+        starfile.write({"optics": star["optics"], "particles": parts.iloc[:n_train]}, proj / names[0])
+    starfile.write({"optics": star["optics"], "particles": parts.iloc[n_train:].drop(columns=POSE_COLUMNS)},
+                   proj / names[1])
+
+
+def import_job(proj: Path, name: str) -> str:
+    """Import ``name`` (a particle STAR file in the project) through relion_pipeliner; its job directory."""
+    before = set((proj / "Import").glob("job*")) if (proj / "Import").exists() else set()
+    run(["relion_pipeliner", "--addJob", "Import", "--addJobOptions",
+         f"do_raw == No;do_other == Yes;fn_in_other == {name};node_type == Particles STAR file (.star)"], proj)
+    job = f"Import/{(set((proj / 'Import').glob('job*')) - before).pop().name}/"
+    run(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "1"], proj)
+    return job
+
+
+def other_protein_job(proj: Path, out: Path, args, exe: str, train_job: str) -> dict:
+    """The domain check's other side inside the benchmark: ``args.n_new`` particles of β-galactosidase made by the
+    same recipe (same box, pixel size, SNR, noise, views, junk; another seed), imported and predicted by a predict
+    job with the train job's model, like job004. Its predict.json's domain check and the job's seconds."""
+    from cryoforum_plugin.data import BETAGAL_MAP
+
+    other_dir = out / f"other_betagal_n{args.n_new}_b{args.box}_snr{args.snr:g}_s{args.seed}"
+    make_relion_set(other_dir, args.n_new, args.box, args.snr, seed=args.seed + 1000, volume=BETAGAL_MAP,
+                    **realistic_set())
+    if not (proj / "Other").exists():
+        os.symlink(other_dir.resolve(), proj / "Other")
+    split_set(other_dir, proj, 0, link="Other", names=("", "other_protein.star"))
+    t0 = time.time()
+    job = external(proj, exe, f"{import_job(proj, 'other_protein.star')}other_protein.star",
+                   {"mode": "predict", "model": f"{train_job}model"}, args.threads, args.other_args)
+    return {"job": job, "seconds": round(time.time() - t0, 1),
+            "domain_check": json.loads((proj / job / "predict.json").read_text()).get("domain_check")}
 
 
 def external(proj: Path, exe: str, parts: str, params: dict, threads: int, other: str) -> str:
@@ -167,10 +203,7 @@ def make_project(proj: Path, set_dir: Path, n_train: int) -> float:
     run(["relion_reconstruct", "--i", "train.star", "--o", "consensus.mrc", "--ctf"], proj)
     seconds = round(time.time() - t0, 1)
     for name in ("train.star", "new.star"):
-        run(["relion_pipeliner", "--addJob", "Import", "--addJobOptions",
-             f"do_raw == No;do_other == Yes;fn_in_other == {name};node_type == Particles STAR file (.star)"], proj)
-    for job in ("Import/job001/", "Import/job002/"):
-        run(["relion_pipeliner", "--RunJobs", job, "--sec_wait_after", "1"], proj)
+        import_job(proj, name)
     return seconds
 
 
@@ -221,6 +254,9 @@ def main(argv=None):
         results["predict_job_seconds"] = round(time.time() - t0, 1)
     results["predict_job_new"] = report(proj / predict_job, truth, density, None, args.drop, aniso)
     results["domain_check"] = json.loads((proj / predict_job / "predict.json").read_text()).get("domain_check")
+    old_other = json.loads((args.out / "relion_job.json").read_text()).get("other_protein") if args.report_only \
+        else None
+    results["other_protein"] = old_other or other_protein_job(proj, args.out, args, exe, train_job)
     (args.out / "relion_job.json").write_text(json.dumps(results, indent=1, default=float))
     print_tables(results)
 
@@ -229,6 +265,9 @@ def print_tables(res: dict) -> None:
     """The benchmark's two tables: accuracy per job, and junk removed per statistic."""
     print(f"set: {json.dumps(res['set'])}\ntrain job {res['train_job_seconds']:.0f} s, "
           f"predict job {res['predict_job_seconds']:.0f} s; domain check: {json.dumps(res['domain_check'])[:300]}")
+    for name, check in (("new particles (same set)", res["domain_check"]),
+                        ("β-galactosidase (other protein)", res["other_protein"]["domain_check"])):
+        print(f"domain check, {name}: fits {check['fits']}; reasons {check['reasons']}; notes {check['notes']}")
     print(f"{'part':<22}{'n':>6}{'net med':>8}{'p90':>6}{'rare10':>7}{'other':>6}{'ref med':>8}{'p90':>6}"
           f"{'<5°':>6}{'rare10':>7}{'shift':>6}{'global':>7}")
     for key in ("train_job_validation", "train_job_all", "predict_job_new"):

@@ -13,11 +13,12 @@ from cryoforum_plugin.formats.mrc import StackReader
 from cryoforum_plugin.formats.star import read_star
 from cryoforum_plugin.infer.predict import predict
 from cryoforum_plugin.nn.model import OrientationNet
-from cryoforum_plugin.nn.preprocess import Preprocess
+from cryoforum_plugin.nn.preprocess import Preprocess, noise_colour
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics.fourier import soft_circular_mask
 from cryoforum_plugin.physics.noise import (
-    coloured_noise, estimate_noise_spectrum, lorentzian_with_bump, radial_power, relative_spectrum, whiten,
+    coloured_noise, estimate_noise_spectrum, lorentzian_with_bump, radial_power, relative_spectrum, spectrum_colour,
+    whiten,
 )
 from cryoforum_plugin.physics.resample import resample, resized_map
 from cryoforum_plugin.sim.batches import MapParticleSimulator
@@ -154,3 +155,129 @@ def test_balanced_views_draw_the_rare_views_several_times_more_often(seed):
     c2 = rotations.quat_mul(quat, np.array([[0.0, 0.0, 0.0, 1.0]]))  # mates q ⊗ g, g: 180° about z
     mixed = np.where((np.arange(len(quat)) % 2 == 0)[:, None], quat, c2)
     assert np.allclose(view_balance_weights(mixed, "C2")[0], view_balance_weights(quat, "C2")[0])
+
+
+# ---------------------------------------------------------------------------------------------- predict --rewhiten
+
+
+def blue(s):
+    """A noise colour unlike the training set's (lorentzian_with_bump falls with frequency): rising power."""
+    s = np.asarray(s, dtype=np.float64)
+    return 0.15 + (s / s.max()) ** 2
+
+
+def red(s):
+    """Another colour, falling steeply to a floor."""
+    s = np.asarray(s, dtype=np.float64)
+    return 0.05 + np.exp(-((s / (0.3 * s.max())) ** 2))
+
+
+@pytest.fixture(scope="module")
+def rewhiten_sets(coloured_set, tmp_path_factory):
+    """A tiny --whiten on model trained on ``coloured_set`` (noise of lorentzian_with_bump's colour), and
+    ``two.star``: 150 new particles with ``blue`` noise (optics group 1) then 150 with ``red`` noise (group 2)."""
+    import pandas as pd
+    import starfile
+
+    d = tmp_path_factory.mktemp("rewhiten")
+    cfg = dict(box=BOX, width=0.125, epochs=1, batch=32, dropout=0.0, whiten="on")
+    Trainer(coloured_set["ps"], d / "m", TrainConfig(**cfg), torch.device("cpu"), progress=False).train()
+    tables = []
+    for group, (name, colour) in enumerate((("blue", blue), ("red", red)), start=1):
+        simulate(DEFAULT_MAP, d / name, n=150, box=BOX, snr=0.1, max_shift=2.0, seed=20 + group, progress=False,
+                 noise_spectrum=colour)
+        t = starfile.read(d / name / "particles.star", always_dict=True)
+        tables.append({"optics": t["optics"].assign(rlnOpticsGroup=group, rlnOpticsGroupName=f"opticsGroup{group}"),
+                       "particles": t["particles"].assign(rlnOpticsGroup=group, rlnImageName=[
+                           f"{i + 1:06d}@{name}/particles.mrcs" for i in range(len(t["particles"]))])})
+    starfile.write({k: pd.concat([t[k] for t in tables]) for k in ("optics", "particles")}, d / "two.star")
+    ps = read_star(d / "two.star")
+    true = [relative_spectrum(c, BOX, float(ps.pixel_size[0])) for c in (blue, red)]
+    return {"dir": d, "model": d / "m", "ps": ps, "true": true}
+
+
+def preprocess_inputs(ps, model_dir, **kw):
+    """Run prediction and capture what its preprocessing got: (the Prediction, the raw images (N, box, box) in
+    row order, the whitening spectra passed (N, K) or None)."""
+    seen = []
+
+    def capture(module, args):
+        if isinstance(module, Preprocess):
+            seen.append(args)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(capture)
+    try:
+        pred = predict(ps, model_dir, device="cpu", batch=len(ps), progress=False, **kw)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    images, _, spectrum = (list(seen[0]) + [None, None])[:3]
+    return pred, images, spectrum
+
+
+def background_colour(images, spectrum) -> float:
+    """spectrum_colour of the background noise of raw (B, box, box) images whitened by ``spectrum`` (as the
+    preprocessing whitens, before its mask), estimated as --whiten estimates."""
+    return spectrum_colour(noise_colour([whiten(images, spectrum)], BOX))
+
+
+def test_rewhiten_whitens_new_particles_of_another_colour_flat_per_optics_group(rewhiten_sets, capsys):
+    ps, model = rewhiten_sets["ps"], rewhiten_sets["model"]
+    pre, _, _ = ModelDir(model).load()
+    stored = pre.noise_spectrum.clone()
+    _, images, spectrum = preprocess_inputs(ps, model)
+    assert spectrum is None  # default: the model's stored spectrum
+    pred, again, spectra = preprocess_inputs(ps, model, rewhiten=True)
+    assert torch.equal(images, again) and spectra.shape == (len(ps), BOX // 2 + 1)
+    assert "--rewhiten: whitening each of 2 optics group(s)" in capsys.readouterr().out
+    groups = [np.nonzero(ps.optics_group == g)[0] for g in (1, 2)]
+    for rows, true in zip(groups, rewhiten_sets["true"]):
+        own = spectra[rows]
+        assert (own == own[0]).all()  # one spectrum per group ...
+        rel = np.abs(own[0].double().numpy() / true - 1)
+        assert np.median(rel[1:]) < 0.15, rel  # ... its own noise colour, recovered
+        assert background_colour(images[rows], stored) > 2  # the model's spectrum leaves this group's noise coloured
+        assert background_colour(images[rows], own[0]) < 1.3  # its own whitens it flat
+    assert not torch.allclose(spectra[groups[0][0]], spectra[groups[1][0]], rtol=0.2)
+    record = pred.rewhitening
+    assert [g["optics_group"] for g in record["groups"]] == [1, 2] and record["sample"] == 2000
+    assert all(g["estimated"] and g["particles"] == g["sampled"] == 150 for g in record["groups"])
+    assert record["groups"][0]["max_ratio"] > 2 and record["stored_colour"] > 2
+    assert torch.equal(ModelDir(model).load()[0].noise_spectrum, stored)  # the model is not changed
+
+
+def test_rewhiten_reaches_predict_json_from_the_cli_and_every_front_end(rewhiten_sets, tmp_path):
+    from cryoforum_plugin.cli import build_parser, main as cli
+    from cryoforum_plugin.pipeline import options as pipeline_options
+    from relion_external.cryoforum_relion import parse
+
+    out = tmp_path / "p"
+    assert cli(["predict", "--model", str(rewhiten_sets["model"]), "--particles",
+                str(rewhiten_sets["dir"] / "two.star"), "--out", str(out), "--device", "cpu", "--rewhiten"]) == 0
+    record = json.loads((out / "predict.json").read_text())
+    assert "domain_check" in record and [g["optics_group"] for g in record["rewhitening"]["groups"]] == [1, 2]
+    parser = build_parser()
+    assert parser.parse_args(["predict", "--model", "m", "--particles", "p.star"]).rewhiten is False
+    for argv in (["run", "--train", "p.star", "--rewhiten"],
+                 ["watch", "--model", "m", "--in", "d", "--reference", "r.mrc", "--rewhiten"],
+                 ["cryosparc", "--project", "P1", "--workspace", "W1", "--model", "m", "--predict", "J1:particles",
+                  "--rewhiten"]):
+        assert pipeline_options.options_from(parser.parse_args(argv)).rewhiten, argv[0]
+    assert pipeline_options.options_from(parse(["--o", "External/job001/", "--rewhiten"])[0]).rewhiten
+    assert pipeline_options.options().rewhiten is False
+
+
+def test_rewhiten_with_a_model_that_does_not_whiten_is_a_note_and_changes_nothing(rewhiten_sets, tmp_path):
+    import io
+
+    from cryoforum_plugin.progress import Events
+
+    ps = rewhiten_sets["ps"]
+    cfg = dict(box=BOX, width=0.125, epochs=1, batch=32, dropout=0.0, max_particles=60)
+    Trainer(ps, tmp_path / "m", TrainConfig(**cfg), torch.device("cpu"), progress=False).train()
+    plain = predict(ps, tmp_path / "m", device="cpu", progress=False)
+    stream = io.StringIO()
+    again = predict(ps, tmp_path / "m", device="cpu", progress=False, rewhiten=True, events=Events(stream))
+    assert stream.getvalue().count("--rewhiten has no effect") == 1 and "--whiten off" in stream.getvalue()
+    assert np.array_equal(plain.quat, again.quat) and np.array_equal(plain.evals, again.evals)
+    assert again.rewhitening is None

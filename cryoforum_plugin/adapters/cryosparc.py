@@ -227,7 +227,10 @@ def _work(job, project, args, target) -> dict:
     side = io.BytesIO()
     uncertainty_dataset(ps).save(side)
     job.upload("cryoforum_uncertainty.cs", side.getvalue())
-    job.upload("predict.json", json.dumps({"domain_check": result.prediction.domain_check}, indent=2).encode())
+    record = {"domain_check": result.prediction.domain_check}
+    if result.prediction.rewhitening is not None:
+        record["rewhitening"] = result.prediction.rewhitening
+    job.upload("predict.json", json.dumps(record, indent=2).encode())
     for name, dataset in outputs.items():
         job.save_output(name, dataset)
     events.message(f"done: {result.selection.kept} confident, {result.selection.rejected} rejected; "

@@ -16,16 +16,19 @@ from cryoforum_plugin.train.model_dir import ModelDir
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.nn import precision as numeric
-from cryoforum_plugin.nn.preprocess import check_model_grid, phase_flipped, rotate_images, to_model_grid
+from cryoforum_plugin.nn.preprocess import check_model_grid, noise_colour, phase_flipped, rotate_images, to_model_grid
+from cryoforum_plugin.physics.noise import spectrum_colour
 from cryoforum_plugin.progress import Events, Progress
 from cryoforum_plugin.nn.uncertainty import dispersions, figure_of_merit, trace_scale
 
+REWHITEN_SAMPLE = 2000  # images per optics group --rewhiten estimates its noise spectrum from (evenly spaced rows)
+REWHITEN_MIN = 50  # smaller optics groups keep the model's stored spectrum (too few images for an estimate)
 
 @dataclasses.dataclass
 class Prediction:
     """Per-particle results: quat (N, 4), evals (N, 4) or None (heads without them), dispersions {'max','trace'},
     fom (N,), and the throughput; ``domain_check``: whether the model fits these particles (infer.domain, set by
-    pipeline.steps.predict)."""
+    pipeline.steps.predict); ``rewhitening``: with --rewhiten, the spectra used (``rewhitening_spectra``)."""
 
     quat: np.ndarray
     evals: np.ndarray | None
@@ -33,6 +36,7 @@ class Prediction:
     fom: np.ndarray
     seconds: float
     domain_check: dict | None = None
+    rewhitening: dict | None = None
 
     @property
     def particles_per_second(self) -> float:
@@ -51,18 +55,72 @@ def _average_quats(qs: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor
     return torch.linalg.eigh(M)[1][..., -1].float()
 
 
+def evenly_spaced(rows: np.ndarray, at_most: int) -> np.ndarray:
+    """Up to ``at_most`` of ``rows`` (sorted (n,) ints), evenly spaced through them (all when fewer): a
+    deterministic sample that spans a file's micrographs in order."""
+    if len(rows) <= at_most:
+        return rows
+    return rows[np.round(np.linspace(0, len(rows) - 1, at_most)).astype(np.int64)]
+
+
+def rewhitening_spectra(ps: ParticleSet, source: ImageSource, pre, grid_pixel: float, grid_box: int, device,
+                        batch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """predict --rewhiten: the relative noise spectrum of each optics group of ``ps``, estimated as --whiten
+    estimated the model's (``nn.preprocess.noise_colour`` at the model box ``pre.box``) from up to
+    REWHITEN_SAMPLE of its images (``evenly_spaced``) brought to the model's grid (``to_model_grid``); a group of
+    fewer than REWHITEN_MIN particles keeps the stored spectrum. Returns ((G, box//2 + 1) float32 spectra on
+    ``device``, (N,) long index of each row's group on ``device``, the record: {"sample", "stored_colour",
+    "groups": [{"optics_group", "particles", "sampled", "colour", "max_ratio", "min_ratio" (new / stored, over
+    the shells), "estimated"}]})."""
+    stored = pre.noise_spectrum.double().cpu().numpy()
+    groups, index = np.unique(ps.optics_group, return_inverse=True)
+    table, record = [], []
+    for g, group in enumerate(groups):
+        rows = np.nonzero(index == g)[0]
+        sample = evenly_spaced(rows, REWHITEN_SAMPLE)
+        estimated = len(rows) >= REWHITEN_MIN
+        if estimated:
+            chunks = (to_model_grid(source.batch(part).to(device), ps.pixel_size[part], grid_pixel, grid_box)
+                      for part in np.array_split(sample, -(-len(sample) // batch)))
+            new = noise_colour(chunks, pre.box, f"--rewhiten: the particles of optics group {int(group)}",
+                               fix="predict without --rewhiten (the model's stored spectrum).")
+        else:
+            new = stored
+        ratio = new[1:] / np.maximum(stored[1:], 1e-30)  # shell 0 (the images' mean) left out, as spectrum_colour
+        table.append(new)
+        record.append({"optics_group": int(group), "particles": int(len(rows)),
+                       "sampled": int(len(sample)) if estimated else 0, "colour": round(spectrum_colour(new), 3),
+                       "max_ratio": round(float(ratio.max()), 3), "min_ratio": round(float(ratio.min()), 3),
+                       "estimated": bool(estimated)})
+    spectra = torch.as_tensor(np.stack(table), dtype=torch.float32, device=device)
+    return spectra, torch.as_tensor(index, device=device), {
+        "sample": REWHITEN_SAMPLE, "stored_colour": round(spectrum_colour(stored), 3), "groups": record}
+
+
+def rewhitening_line(record: dict) -> str:
+    """One line for the user about ``rewhitening_spectra``'s record."""
+    groups = record["groups"]
+    colours = ", ".join(f"{g['colour']:g}" if g["estimated"] else "stored" for g in groups[:8])
+    more = f", ... ({len(groups)} groups)" if len(groups) > 8 else ""
+    return (f"[cryo-forum] --rewhiten: whitening each of {len(groups)} optics group(s) by its own noise spectrum "
+            f"(colour {colours}{more}; the model's {record['stored_colour']:g})")
+
+
 @torch.no_grad()
 def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int = 1, progress: bool = True,
             events: Events | None = None, workers: int = -1, precision: str | None = None,
-            compile: bool = False) -> Prediction:
+            compile: bool = False, rewhiten: bool = False) -> Prediction:
     """Predict every particle of ``ps`` with the model in ``model_dir``. ``tta``: number of in-plane rotations
     averaged (test-time augmentation; 1 = off). ``workers``: loader processes reading ahead (-1: auto).
     ``precision``: the network's (nn.precision.resolve; None: the model's --precision, auto for older models).
     ``compile``: --compile (runtime.compiled: torch.compile on CUDA; the model is loaded before it wraps).
     The batches' results stay on the device until the end (no wait for the GPU per batch).
     Images are preprocessed on ``device`` by the model's own preprocessing, its whitening (--whiten) by the noise
-    spectrum stored at training included: prediction never re-estimates it. Under torchrun each process predicts its block and rank 0 returns the
-    merged result in row order; the other ranks return None."""
+    spectrum stored at training included; ``rewhiten`` (--rewhiten) whitens each optics group by its own spectrum
+    re-estimated from these particles instead (``rewhitening_spectra``, recorded in ``Prediction.rewhitening``;
+    the model is not changed), and only says it has no effect for a model that does not whiten.
+    Under torchrun each process predicts its block and rank 0 returns the merged result in row order; the other
+    ranks return None."""
     device = device if device is not None else torch.device("cpu")
     runtime.init_from_env(device)
     device = runtime.local_device(device)
@@ -81,6 +139,13 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     runtime.tune_for(device)
     net = runtime.compiled(net, device, compile, events)
     source = ImageSource(ps, cache_bytes=0)
+    spectra, group_of, rewhitening = None, None, None
+    if rewhiten and pre.whitens:
+        spectra, group_of, rewhitening = rewhitening_spectra(ps, source, pre, grid_pixel, grid_box, device, batch)
+    if rewhiten and runtime.is_main():
+        (events or Events()).message(rewhitening_line(rewhitening) if rewhitening is not None else
+                                     "[cryo-forum] --rewhiten has no effect: the model does not whiten its input "
+                                     f"(trained with --whiten {cfg.get('whiten', 'off')}, no spectrum stored).")
     n = len(ps)
     mine = runtime.shard(n)  # all rows when not distributed
     quat = np.zeros((n, 4), np.float32)
@@ -95,13 +160,14 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
     for rows, raw in source.batches(mine, batch, workers=workers, pin_memory=device.type == "cuda"):
         raw = to_model_grid(raw.to(device, non_blocking=True), ps.pixel_size[rows], grid_pixel, grid_box)
         flipped = phase_flipped(raw, ps.ctf, rows, grid_pixel) if pre.phase_flip else None
+        spectrum = None if spectra is None else spectra[group_of[torch.as_tensor(rows).to(device)]]
         qs, evs = [], []
         for a in angles:
             turn = torch.full((len(rows),), a, device=device)
             img = raw if a == 0 else rotate_images(raw, turn)
             flp = flipped if (flipped is None or a == 0) else rotate_images(flipped, turn)
             with numeric.autocast(device, dtype):
-                out = net(pre(img, flp))
+                out = net(pre(img, flp, spectrum))
             q = out["quat"].float()
             if a != 0:  # the network saw psi + a: undo it, q = r⁻¹ ⊗ q̂
                 q = rotations.quat_mul(undo[a], q)
@@ -131,7 +197,7 @@ def predict(ps: ParticleSet, model_dir, device=None, batch: int = 512, tta: int 
         disp = {"max": np.zeros(n), "trace": np.zeros(n)}
     scale = model.trace_scale(state) or trace_scale(evals)
     return Prediction(rotations.normalize(quat.astype(np.float64)), evals, disp,
-                      figure_of_merit(disp["trace"], scale), seconds)
+                      figure_of_merit(disp["trace"], scale), seconds, rewhitening=rewhitening)
 
 
 def with_predictions(ps: ParticleSet, pred: Prediction) -> ParticleSet:

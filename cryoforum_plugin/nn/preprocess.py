@@ -2,7 +2,8 @@
 
 (B, N, N) raw particle images -> Fourier crop to the training box -> whitening (--whiten: each Fourier component
 divided by the noise amplitude of its shell, the spectrum estimated on the training particles and stored in the
-module's state, so prediction applies exactly the training's filter; off: nothing) -> soft circular mask (0.85 ->
+module's state, so prediction applies exactly the training's filter unless ``predict --rewhiten`` passes spectra
+re-estimated from the new particles (``noise_colour``); off: nothing) -> soft circular mask (0.85 ->
 0.99 of the half-box, the paper's window) -> standardisation with statistics measured on the training set ->
 blurring layer: the image plus a bank of low-pass (default) or Gaussian filtered copies as channels:
 (B, C, box, box).
@@ -72,17 +73,20 @@ class Preprocess(nn.Module):
         self.noise_spectrum = torch.empty_like(state_dict[key], device=self.mask.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def crop_and_mask(self, images: torch.Tensor) -> torch.Tensor:
+    def crop_and_mask(self, images: torch.Tensor, spectrum: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, N) -> (B, box, box): Fourier crop (or pad), whitening when a spectrum is stored, and soft
-        circular mask, before standardisation."""
+        circular mask, before standardisation. ``spectrum``: (box//2 + 1,) or (B, box//2 + 1) relative spectra
+        whitened by instead of the stored one (predict --rewhiten); None: the stored one."""
         x = resample(images.float(), self.box, 2)
-        if self.whitens:
-            x = whiten(x, self.noise_spectrum)
+        if spectrum is not None or self.whitens:
+            x = whiten(x, self.noise_spectrum if spectrum is None else spectrum)
         return x * self.mask
 
-    def forward(self, images: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
-        """``flipped``: (B, N, N) ``phase_flipped`` images, required when the module was built with phase_flip."""
-        x = (self.crop_and_mask(images) - self.mean) / self.std
+    def forward(self, images: torch.Tensor, flipped: torch.Tensor | None = None,
+                spectrum: torch.Tensor | None = None) -> torch.Tensor:
+        """``flipped``: (B, N, N) ``phase_flipped`` images, required when the module was built with phase_flip;
+        ``spectrum``: whitening spectra replacing the stored one (``crop_and_mask``)."""
+        x = (self.crop_and_mask(images, spectrum) - self.mean) / self.std
         channels = [x[:, None]]
         if self.bank.shape[0]:
             # The filters are real and symmetric (H(k) = H(-k)): filtering with the half-plane real FFT and the
@@ -92,7 +96,7 @@ class Preprocess(nn.Module):
         if self.phase_flip:
             if flipped is None:
                 raise ValueError("this model takes a phase-flipped channel: pass flipped=phase_flipped(...)")
-            channels.append(((self.crop_and_mask(flipped) - self.mean) / self.std)[:, None])
+            channels.append(((self.crop_and_mask(flipped, spectrum) - self.mean) / self.std)[:, None])
         return channels[0] if len(channels) == 1 else torch.cat(channels, dim=1)
 
     def fit(self, images: torch.Tensor, whiten: str = "off") -> dict | None:
@@ -106,28 +110,40 @@ class Preprocess(nn.Module):
         return record
 
     def fit_whitening(self, images: torch.Tensor, force: bool = True) -> dict:
-        """Estimate the noise spectrum of raw images (B, N, N) at the model box (``physics.noise.
-        background_noise_spectrum`` outside RELION's background circle ``relion_bg_radius``, after the Fourier crop)
-        and store it, normalised to unit mean over the grid, when ``force`` or when it is coloured (``spectrum_colour`` >
-        COLOURED); else store none. Shells past the images' own Nyquist (a Fourier-padded box) take the last
-        measured shell. Returns {"applied", "colour", "spectrum" (the relative spectrum, list)}."""
-        x = resample(images.float(), self.box, 2)
-        spectrum = background_noise_spectrum(x, relion_bg_radius(self.box))
-        if not (np.all(np.isfinite(spectrum)) and spectrum.max() > 0):
-            from cryoforum_plugin.errors import CryoforumError
-
-            raise CryoforumError("--whiten: the training particles have no measurable noise outside the particle "
-                                 f"circle (radius {relion_bg_radius(self.box):g} px) to whiten by.",
-                                 fix="train with --whiten off (noise-free or masked particles).")
-        measured = min(images.shape[-1], self.box) // 2 + 1
-        spectrum[measured:] = spectrum[measured - 1]
-        relative = relative_spectrum(spectrum, self.box, 1.0)
+        """Estimate the relative noise spectrum of raw images (B, N, N) at the model box (``noise_colour``) and
+        store it when ``force`` or when it is coloured (``spectrum_colour`` > COLOURED); else store none.
+        Returns {"applied", "colour", "spectrum" (the relative spectrum, list)}."""
+        relative = noise_colour([images], self.box)
         colour = spectrum_colour(relative)
         applied = bool(force or colour > COLOURED)
         device = self.mask.device
         self.noise_spectrum = torch.as_tensor(relative, dtype=torch.float32, device=device) if applied else \
             torch.zeros(0, device=device)
         return {"applied": applied, "colour": round(colour, 3), "spectrum": [round(float(v), 6) for v in relative]}
+
+
+def noise_colour(chunks, box: int, whose: str = "--whiten: the training particles",
+                 fix: str = "train with --whiten off (noise-free or masked particles).") -> np.ndarray:
+    """The relative noise spectrum (box//2 + 1,) (unit mean over the grid, ``physics.noise.relative_spectrum``)
+    of raw images given as an iterable of (B, N, N) tensors: ``physics.noise.background_noise_spectrum`` outside
+    RELION's background circle (``relion_bg_radius``) after the Fourier crop to ``box``, averaged over the
+    images. Shells past the images' own Nyquist (a Fourier-padded box) take the last measured shell. What
+    --whiten stores at training and predict --rewhiten re-estimates for new particles; ``whose`` and ``fix``
+    word the error when there is no noise to measure."""
+    total, count, size = 0.0, 0, box
+    for images in chunks:
+        x = resample(images.float(), box, 2)
+        total = total + background_noise_spectrum(x, relion_bg_radius(box)) * len(x)
+        count, size = count + len(x), images.shape[-1]
+    spectrum = np.asarray(total / max(count, 1), dtype=np.float64).reshape(-1)
+    if not (len(spectrum) == box // 2 + 1 and np.all(np.isfinite(spectrum)) and spectrum.max() > 0):
+        from cryoforum_plugin.errors import CryoforumError
+
+        raise CryoforumError(f"{whose} have no measurable noise outside the particle circle (radius "
+                             f"{relion_bg_radius(box):g} px) to whiten by.", fix=fix)
+    measured = min(size, box) // 2 + 1
+    spectrum[measured:] = spectrum[measured - 1]
+    return relative_spectrum(spectrum, box, 1.0)
 
 
 def phase_flipped(raw: torch.Tensor, ctf, rows, pixel_size) -> torch.Tensor:

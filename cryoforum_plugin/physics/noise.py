@@ -49,11 +49,11 @@ def radial_power(images: torch.Tensor) -> torch.Tensor:
 
 
 def spectrum_2d(spectrum, box: int, device=None) -> torch.Tensor:
-    """(K,) per-shell values -> (box, box) centred grid (corners take the last shell's value)."""
+    """(..., K) per-shell values -> (..., box, box) centred grids (corners take the last shell's value)."""
     s = as_tensor(np.asarray(spectrum, dtype=np.float64) if not isinstance(spectrum, torch.Tensor) else spectrum,
                   device)
-    idx = shell_index(box, s.device).clamp(max=len(s) - 1)
-    return s[idx]
+    idx = shell_index(box, s.device).clamp(max=s.shape[-1] - 1)
+    return s[..., idx]
 
 
 def coloured_noise(n: int, box: int, spectrum, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -67,18 +67,19 @@ def coloured_noise(n: int, box: int, spectrum, generator: torch.Generator | None
 
 
 def whitening_filter(spectrum, box: int, device=None) -> torch.Tensor:
-    """(box, box) centred 1/sqrt(S) of a (box//2 + 1,) per-shell spectrum S (module convention, image units²):
-    multiplying fft2c(images) by it turns noise of spectrum S into white noise of unit variance. Pixels with
-    (near) zero power are capped at 1e-6 × the spectrum's mean over the grid."""
+    """(..., box, box) centred 1/sqrt(S) of (..., box//2 + 1) per-shell spectra S (module convention, image
+    units²): multiplying fft2c(images) by it turns noise of spectrum S into white noise of unit variance. Pixels
+    with (near) zero power are capped at 1e-6 × their spectrum's mean over the grid."""
     s = spectrum_2d(spectrum, box, device)
-    return torch.maximum(s, 1e-6 * s.mean() + 1e-30).rsqrt()
+    return torch.maximum(s, 1e-6 * s.mean((-2, -1), keepdim=True) + 1e-30).rsqrt()
 
 
 def whiten(images: torch.Tensor, spectrum) -> torch.Tensor:
     """(B, N, N) real images -> (B, N, N) float32: every Fourier component divided by the noise amplitude
     sqrt(S[k]) of its shell (``whitening_filter``), S = ``spectrum`` ((N//2 + 1,) array or tensor, module
-    convention). Noise of spectrum S comes out white with unit variance; with S normalised to unit mean over the
-    grid (``relative_spectrum``) the noise keeps its per-pixel variance and a flat S leaves the images unchanged."""
+    convention; or (B, N//2 + 1): one spectrum per image). Noise of spectrum S comes out white with unit
+    variance; with S normalised to unit mean over the grid (``relative_spectrum``) the noise keeps its per-pixel
+    variance and a flat S leaves the images unchanged."""
     w = whitening_filter(spectrum, images.shape[-1], images.device)
     return ifft2c(fft2c(images.to(torch.float32)) * w).real
 

@@ -90,7 +90,8 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
     events.message(f"[cryo-forum] predicting {len(target)} particles with {model_dir}")
     # every rank predicts its block (under torchrun); rank 0 gets the merged set, the others None
     predicted, pred = predict(target, model_dir, device=opts.device, tta=opts.tta, workers=opts.workers,
-                              events=events, precision=opts.precision, compile=opts.compile)  # None: the model's
+                              events=events, precision=opts.precision, compile=opts.compile,  # None: the model's
+                              rewhiten=opts.rewhiten)
     if predicted is None:
         return None
     events.check_abort()
@@ -149,7 +150,8 @@ def write_outputs(result: PipelineResult, out_dir, input_path, opts: argparse.Na
     if result.training is not None:
         nodes.append((str(ModelDir(result.model_dir).best_path), "model"))
     written = write_predictions(result.predicted, out, input_path, fmt, project_dir=project_dir,
-                                domain_check=result.prediction.domain_check)
+                                domain_check=result.prediction.domain_check,
+                                rewhitening=result.prediction.rewhitening)
     nodes += [(str(p), "particles") for p in written if not p.stem.endswith("_uncertainty")]
     if result.refined is not None:
         written = write_refined(result.refined, result.refinement, out, input_path, fmt, project_dir=project_dir,

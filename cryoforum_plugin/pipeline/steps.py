@@ -103,16 +103,17 @@ def write_predict_json(out_dir, fields: dict) -> Path:
 def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta: int = 1, workers: int = -1,
             events: Events | None = None,
             precision: str | None = None,
-            compile: bool = False) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
+            compile: bool = False, rewhiten: bool = False) -> tuple[ParticleSet, Prediction] | tuple[None, None]:
     """Predicted poses and uncertainty for every particle: (the set with predicted poses and the uncertainty
     columns, the raw Prediction, whose ``domain_check`` says whether the model fits them: ``domain_check``).
-    ``precision``: --precision (None: the model's); ``compile``: --compile. Under torchrun the non-zero ranks
+    ``precision``: --precision (None: the model's); ``compile``: --compile; ``rewhiten``: --rewhiten (each optics
+    group whitened by its own noise spectrum, ``Prediction.rewhitening``). Under torchrun the non-zero ranks
     return (None, None)."""
     from cryoforum_plugin.infer.predict import predict as run_prediction
 
     ps.validate_images()
     pred = run_prediction(ps, model_dir, device=resolve_device(device), batch=batch, tta=tta, events=events,
-                          workers=workers, precision=precision, compile=compile)
+                          workers=workers, precision=precision, compile=compile, rewhiten=rewhiten)
     if pred is None:
         return None, None
     pred.domain_check = domain_check(ps, pred, model_dir, device=device, events=events)
@@ -120,9 +121,11 @@ def predict(ps: ParticleSet, model_dir, *, device="auto", batch: int = 512, tta:
 
 
 def write_predictions(ps: ParticleSet, out_dir, input_path, fmt: str = "auto", stem: str = "predicted",
-                      project_dir=None, domain_check: dict | None = None) -> list[Path]:
+                      project_dir=None, domain_check: dict | None = None,
+                      rewhitening: dict | None = None) -> list[Path]:
     """Write a predicted set as STAR and/or .cs (+ the uid-keyed uncertainty sidecar beside a .cs), and with
-    ``domain_check`` (``Prediction.domain_check``) predict.json beside them (``write_predict_json``)."""
+    ``domain_check`` (``Prediction.domain_check``) and/or ``rewhitening`` (``Prediction.rewhitening``, --rewhiten)
+    predict.json beside them (``write_predict_json``)."""
     written = []
     for path in output_paths(input_path, out_dir, stem, fmt):
         write_particles(ps, path, relative_to=Path(out_dir).resolve(), project_dir=project_dir)
@@ -132,8 +135,9 @@ def write_predictions(ps: ParticleSet, out_dir, input_path, fmt: str = "auto", s
             with atomic_path(side) as tmp:
                 uncertainty_dataset(ps).save(str(tmp))
             written.append(side)
-    if domain_check is not None:
-        write_predict_json(out_dir, {"domain_check": domain_check})
+    record = {k: v for k, v in (("domain_check", domain_check), ("rewhitening", rewhitening)) if v is not None}
+    if record:
+        write_predict_json(out_dir, record)
     return written
 
 

@@ -197,7 +197,7 @@ class Watcher:
                 self.map.check(ps)
         o = self.opts
         predicted, prediction = steps.predict(ps, self.model_dir, device=o.device, tta=o.tta, workers=o.workers,
-                                              events=self.step_events)
+                                              events=self.step_events, rewhiten=o.rewhiten)
         self.events.check_abort()
         sets = {"predicted": predicted}
         final, searched = predicted, 0
@@ -212,7 +212,8 @@ class Watcher:
         info = {"input": str(batch.path), "particles": len(ps), "confident": int(keep.sum()),
                 "rejected": int((~keep).sum()), "global_searched": searched, "selection": selection,
                 "network_particles_per_second": round(prediction.particles_per_second, 1),
-                "domain_check": getattr(prediction, "domain_check", None)}
+                "domain_check": getattr(prediction, "domain_check", None),
+                "rewhitening": getattr(prediction, "rewhitening", None)}
         return sets, scores, info
 
     def _select(self, ps) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -301,7 +302,9 @@ class Watcher:
             "waiting_for": [str(p) for p in self.source.waiting], "problems": dict(self.source.problems)}
 
     def _write_status(self) -> None:
-        """status.json, and predict.json's domain check of the last batch next to predicted.star (as a job's)."""
+        """status.json, and predict.json's domain check (and --rewhiten's spectra: each batch re-estimates its own)
+        of the last batch next to predicted.star (as a job's)."""
         write_text(self.out / "status.json", json.dumps(self.status(), indent=2, default=str))
-        if self.last.get("domain_check") is not None:
-            steps.write_predict_json(self.out, {"domain_check": self.last["domain_check"]})
+        record = {k: self.last[k] for k in ("domain_check", "rewhitening") if self.last.get(k) is not None}
+        if record:
+            steps.write_predict_json(self.out, record)
