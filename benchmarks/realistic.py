@@ -388,6 +388,8 @@ def main(argv=None):
     ap.add_argument("--evaluate", type=Path, action="append", default=[],
                     help="only report a trained model directory on its test split (errors and uncertainty ranking)")
     ap.add_argument("--json", type=Path, default=None, help="output JSON (default WORK/realistic.json)")
+    ap.add_argument("--set-seed", type=int, default=3, help="the set's seed (3: the sets of RESULTS 3 and 7)")
+    ap.add_argument("--seed", type=int, default=42, help="the training's seed (split, initialisation, batches)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "realistic")
     args = ap.parse_args(argv)
@@ -396,8 +398,9 @@ def main(argv=None):
     n_test, n_val = 1000, 500
     kind = set_options(args)
     n_set = max(sizes) + n_test + n_val  # the set's size is fixed by the arguments (and named in its directory)
-    star = make_relion_set(args.work / f"set_n{n_set}_b{args.box}_snr{args.snr:g}{set_suffix(kind)}", n_set,
-                           args.box, args.snr, seed=3, **kind)
+    seed_suffix = "" if args.set_seed == 3 else f"_s{args.set_seed}"
+    star = make_relion_set(args.work / f"set_n{n_set}_b{args.box}_snr{args.snr:g}{set_suffix(kind)}{seed_suffix}",
+                           n_set, args.box, args.snr, seed=args.set_seed, **kind)
     ps = read_star(star)
     n = len(ps)
     test_fraction, val_fraction = n_test / n, n_val / n
@@ -406,7 +409,7 @@ def main(argv=None):
         print(json.dumps(set_summary(set_dir), indent=1))
         return
     common = dict(box=args.box, width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                  val_fraction=val_fraction, test_fraction=test_fraction, seed=42)
+                  val_fraction=val_fraction, test_fraction=test_fraction, seed=args.seed)
     rows = []
     if args.options or not args.row:
         rows += [(name, OPTIONS[name]) for name in (args.options or ",".join(OPTIONS)).split(",")]
@@ -424,16 +427,16 @@ def main(argv=None):
             print(name, json.dumps(step_timing(ps, cfg)), flush=True)
         return
     out_json = args.json or args.work / "realistic.json"
-    results = {"set": str(star), "noise": args.noise, "set_options": kind, "particles": n, "box": args.box, "snr": args.snr, "epochs": args.epochs,
+    results = {"set": str(star), "set_seed": args.set_seed, "seed": args.seed, "noise": kind["noise"], "set_options": kind, "particles": n, "box": args.box, "snr": args.snr, "epochs": args.epochs,
                "width": args.width, "batch": args.batch, "lr": args.lr, "rows": []}
-    print(f"relion_project set: {n} particles, {args.box} px, SNR {args.snr}, {args.noise} noise; test {n_test} held out; "
+    print(f"relion_project set: {n} particles, {args.box} px, SNR {args.snr}, {kind['noise']} noise; test {n_test} held out; "
           f"width {args.width}, {args.epochs} epochs (real), batch {args.batch}, lr {args.lr}")
     print(f"{'row':<34}{'train n':>8}{'pre steps':>10}{'epochs':>7}{'val best':>9}{'test med':>9}{'mean':>7}"
           f"{'p90':>7}{'s':>7}")
     for name, opts in rows:
         for size in sizes:
             cfg = TrainConfig(**{**common, "max_particles": size, **opts})
-            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_") + seed_suffix
             model = args.work / "models" / f"{slug}_{size}"
             if (model / "last.pt").exists():
                 import shutil

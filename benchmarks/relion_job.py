@@ -49,7 +49,7 @@ from selection import STATISTICS, evaluate  # noqa: E402
 
 from cryoforum_plugin.formats.star import read_star  # noqa: E402
 from cryoforum_plugin.infer.metrics import geodesic_errors  # noqa: E402
-from cryoforum_plugin.infer.select import read_uncertainty, uncertainty_score  # noqa: E402
+from cryoforum_plugin.infer.select import read_uncertainty, resolve_statistic, uncertainty_score  # noqa: E402
 from cryoforum_plugin.sim.junk import JUNK_KINDS  # noqa: E402
 from cryoforum_plugin.train.model_dir import ModelDir  # noqa: E402
 
@@ -179,7 +179,8 @@ def report(job: Path, truth, density_all: np.ndarray, rows: np.ndarray | None, d
                                 **{f"removed_{JUNK_KINDS[k]}": f"{int((~keep[junk == k]).sum())}/{int((junk == k).sum())}"
                                    for k in JUNK_KINDS if k and (junk == k).any()}}
     unc = read_uncertainty(refined)
-    out["statistics"] = {s: evaluate(uncertainty_score(unc, s)[r], junk, err, drop) for s in STATISTICS}
+    names = STATISTICS + (("mismatch",) if resolve_statistic(unc, "auto") == "mismatch" else ())
+    out["statistics"] = {s: evaluate(uncertainty_score(unc, s)[r], junk, err, drop) for s in names}
     if anisotropy is not None:  # the candidate: trace and the background's anisotropy mixed by ranks (2 : 1)
         from scipy.stats import rankdata
 
@@ -219,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--other-args", default="", help="the External jobs' additional arguments (default: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "relion_job")
     ap.add_argument("--report-only", action="store_true", help="only recompute the report of a finished run in --out")
+    ap.add_argument("--predict-again", action="store_true",
+                    help="with --report-only: run a new predict job (today's code) on the new particles with the "
+                    "finished train job's model and report it instead of job004")
     args = ap.parse_args(argv)
     exe = shutil.which("cryoforum-relion") or str(Path(sys.executable).with_name("cryoforum-relion"))
     kind = realistic_set()
@@ -247,11 +251,12 @@ def main(argv=None):
     val = np.nonzero(np.isin(refined.uid, ModelDir(proj / train_job / "model").split_uids("val")))[0]
     results["train_job_validation"] = report(proj / train_job, truth, density, val, args.drop, aniso)
     results["train_job_all"] = report(proj / train_job, truth, density, None, args.drop, aniso)
-    if not args.report_only:
+    if not args.report_only or args.predict_again:
         t0 = time.time()
         predict_job = external(proj, exe, "Import/job002/new.star",
                                {"mode": "predict", "model": f"{train_job}model"}, args.threads, args.other_args)
         results["predict_job_seconds"] = round(time.time() - t0, 1)
+    results["predict_job"] = predict_job
     results["predict_job_new"] = report(proj / predict_job, truth, density, None, args.drop, aniso)
     results["domain_check"] = json.loads((proj / predict_job / "predict.json").read_text()).get("domain_check")
     old_other = json.loads((args.out / "relion_job.json").read_text()).get("other_protein") if args.report_only \

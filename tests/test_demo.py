@@ -21,7 +21,9 @@ def test_demo_tiny(tmp_path, capsys):
                  "filter.json", "refine.json", "model/best.pt"):
         assert (job / name).exists(), name
     assert log["options_changed_from_the_defaults"] == DEMO_DATA["tiny"]["options"]
-    assert json.loads((job / "filter.json").read_text())["statistic"] == manifest.defaults("filter")["statistic"]
+    # the default statistic (auto) is mismatch for a job that refined against a map
+    assert manifest.defaults("filter")["statistic"] == "auto"
+    assert json.loads((job / "filter.json").read_text())["statistic"] == "mismatch"
     report = json.loads((tmp_path / "d" / "report" / "report.json").read_text())
     test_split = ModelDir(tmp_path / "d" / "job" / "model").split_uids("test")
     assert report["headline"]["particles"] == len(test_split) > 100 and "true poses" in report["reconstructions"]

@@ -159,7 +159,7 @@ def _refined_to(job, monkeypatch, poses) -> tuple:
 
     def stub(ps, reference, **kwargs):
         n = len(ps)
-        return RefineResult(poses(ps).copy(), ps.shift_A.copy(), np.ones(n), np.ones(n), np.zeros(n, bool), 1.0)
+        return RefineResult(poses(ps).copy(), ps.shift_A.copy(), *[np.ones(n)] * 4, np.zeros(n, bool), 1.0)
 
     monkeypatch.setattr(driver, "refine", stub)
     refined, _ = steps.refine(predicted, job["result"].reference)

@@ -45,7 +45,8 @@ def test_refine_command_recovers_perturbed_poses(tmp_path, capsys):
     assert np.median(shift_err) < 0.5
     # the start is kept as prior columns; score and confidence are per-particle columns in both formats
     table = starfile.read(d / "r" / "refined.star")["particles"]
-    for column in ("rlnCryoforumPriorAngleRot", "rlnCryoforumRefineScore", "rlnCryoforumRefineConfidence"):
+    for column in ("rlnCryoforumPriorAngleRot", "rlnCryoforumRefineScore", "rlnCryoforumRefineConfidence",
+                   "rlnCryoforumLowResMismatch", "rlnCryoforumSideExcess"):
         assert column in table
     assert np.allclose(geodesic_errors(refined.prior_quat, start.quat), 0, atol=1e-3)
     cs = read_particles(d / "r" / "refined.cs", project_dir=d)

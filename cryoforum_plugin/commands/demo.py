@@ -99,7 +99,7 @@ def main(args):
           f"({summary['errors_good']['median_rad']:.3f} rad; chance {chance:.2f} rad)")
     print(f"{'median error after refinement':<44}{summary['errors_refined_good']['median_deg']:.1f}° "
           f"(shifts: {summary['shift_error_refined_px']:.2f} px)")
-    print(f"{'median error after dropping ' + format(opts.drop, '.0%') + ' (' + opts.statistic + ')':<44}"
+    print(f"{'median error after dropping ' + format(opts.drop, '.0%') + ' (' + summary['statistic'] + ')':<44}"
           f"{summary['errors_kept_good']['median_deg']:.1f}°")
     print(f"{'junk dropped at ' + format(opts.drop, '.0%'):<44}{summary['junk']['junk_dropped_fraction']:.0%}")
     for name, r in (summary.get("reconstructions") or {}).items():

@@ -14,5 +14,5 @@ def main(args):
     selection = steps.select(ps, statistic=args.statistic, drop=args.drop, threshold=args.threshold,
                              target_error=args.target_error, model_dir=args.model, uncertainty=args.uncertainty)
     written = steps.write_selection(ps, selection, args.out, args.predicted, args.format, project_dir=args.project_dir)
-    print(f"kept {selection.kept} / {len(ps)} particles ({selection.summary['mode']}, {args.statistic}) "
-          f"-> {', '.join(written)}")
+    how = f"{selection.summary['mode']}, {selection.summary['statistic']}"
+    print(f"kept {selection.kept} / {len(ps)} particles ({how}) -> {', '.join(written)}")

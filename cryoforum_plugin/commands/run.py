@@ -59,8 +59,9 @@ def main(args):
                "selection": result.selection.summary, "seconds": round(time.time() - start, 1),
                "outputs": [{"path": p, "kind": k} for p, k in nodes]}
     write_text(out / "run.json", json.dumps(summary, indent=2))
+    how = f"{result.selection.summary['mode']}, {result.selection.summary['statistic']}"
     print(f"cryoforum run: {len(result.predicted)} particles predicted"
           f"{', refined' if result.refined is not None else ''}; {result.selection.kept} confident, "
-          f"{result.selection.rejected} rejected ({result.selection.summary['mode']}, {opts.statistic}) in "
+          f"{result.selection.rejected} rejected ({how}) in "
           f"{summary['seconds']:.0f} s -> {out}")
     return 0

@@ -96,6 +96,10 @@ REFINE_COLUMNS = (
     Column("refine.score", ("rlnCryoforumRefineScore",), ("cryoforum/refine_score",), "float", "normalised cc"),
     Column("refine.confidence", ("rlnCryoforumRefineConfidence",), ("cryoforum/refine_confidence",), "float",
            "confidence in [0, 1]"),
+    Column("refine.cc_low", ("rlnCryoforumLowResMismatch",), ("cryoforum/low_res_mismatch",), "float",
+           "1 - normalised cc at low resolution (refine/mismatch.py; high = junk)"),
+    Column("refine.sector", ("rlnCryoforumSideExcess",), ("cryoforum/side_excess",), "float",
+           "largest / smallest sector power of the residual outside the particle (refine/mismatch.py; >= 1)"),
 )
 """Per-particle results of the refinement, held in ``numeric`` under both names (each writer takes its own)."""
 COLUMNS = OWN_COLUMNS + TYPED_COLUMNS + REFINE_COLUMNS

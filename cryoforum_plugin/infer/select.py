@@ -10,12 +10,18 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.columns import JUNK_COLUMN, REFINE_CS, REFINE_STAR, UNCERTAINTY_STAR
 from cryoforum_plugin.formats.particles import ParticleSet
 
-__all__ = ["JUNK_COLUMN", "read_uncertainty", "uncertainty_score", "keep_by_quantile", "calibrate_threshold",
-           "spearman", "risk_coverage", "auroc"]
+__all__ = ["JUNK_COLUMN", "STATISTICS", "read_uncertainty", "resolve_statistic", "uncertainty_score",
+           "keep_by_quantile", "calibrate_threshold", "spearman", "risk_coverage", "auroc"]
+
+STATISTICS = ("trace", "max", "both", "refine", "refine_trace", "mismatch")
+"""The selection statistics ``uncertainty_score`` computes; ``auto`` (resolve_statistic) picks one of them."""
+MISMATCH_KEYS = ("cc_low", "sector")
+"""The refinement's mismatch measures (refine/mismatch.py) the ``mismatch`` statistic ranks."""
 
 
 def read_uncertainty(ps: ParticleSet, sidecar=None) -> dict[str, np.ndarray]:
-    """{'max', 'trace', 'fom'} per particle from the set's typed fields (``fom`` zeros where the set has none).
+    """{'max', 'trace', 'fom'} per particle from the set's typed fields (``fom`` zeros where the set has none);
+    after a refinement also 'refine' (its confidence) and, after one against a map, 'cc_low' and 'sector'.
 
     For a .cs prediction the uid-keyed sidecar is loaded into those fields (cs_io) when ``sidecar`` is given, or
     when the .cs itself carries no uncertainty (``<stem>_uncertainty.cs`` beside it)."""
@@ -28,25 +34,54 @@ def read_uncertainty(ps: ParticleSet, sidecar=None) -> dict[str, np.ndarray]:
                              fix="filter the output of `cryoforum predict` (predicted.star / predicted.cs).")
     fom = ps.fom if ps.fom is not None else np.zeros(len(ps))
     out = {"max": ps.uncertainty["max"], "trace": ps.uncertainty["trace"], "fom": fom}
-    refined = refine_confidence(ps)
-    if refined is not None:
-        out["refine"] = refined
+    out.update(refine_columns(ps))
     return out
 
 
-def refine_confidence(ps: ParticleSet) -> np.ndarray | None:
-    """(N,) the refinement's per-particle confidence in [0, 1] (refinement.py), None for unrefined sets."""
-    for name in (REFINE_STAR["confidence"], REFINE_CS["confidence"]):
+def refine_column(ps: ParticleSet, key: str) -> np.ndarray | None:
+    """(N,) the refinement's per-particle ``key`` column (columns.REFINE_STAR), None where the set has none."""
+    for name in (REFINE_STAR[key], REFINE_CS[key]):
         values = ps.column(name)
         if values is not None:
             return np.asarray(values, dtype=np.float64)
     return None
 
 
+def refine_confidence(ps: ParticleSet) -> np.ndarray | None:
+    """(N,) the refinement's per-particle confidence in [0, 1] (refine/driver.py), None for unrefined sets."""
+    return refine_column(ps, "confidence")
+
+
+def refine_columns(ps: ParticleSet) -> dict[str, np.ndarray]:
+    """The refinement's columns of ``ps`` that the statistics use: 'refine' (its confidence), 'cc_low' and
+    'sector' (refine/mismatch.py), each only where the set has it."""
+    out = {"refine": refine_confidence(ps), **{k: refine_column(ps, k) for k in MISMATCH_KEYS}}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def resolve_statistic(unc: dict, statistic: str) -> str:
+    """The statistic ``auto`` stands for: 'mismatch' when ``unc`` (read_uncertainty) holds the mismatch measures
+    (the set was refined against a map), else 'trace'. Any other name is returned as it is."""
+    if statistic != "auto":
+        return statistic
+    return "mismatch" if all(k in unc for k in MISMATCH_KEYS) else "trace"
+
+
 def uncertainty_score(unc: dict, statistic: str) -> np.ndarray:
     """Higher = more uncertain. 'trace' / 'max': the dispersion itself (<= 0, near 0 uncertain); 'both': the mean
     of the two percentile ranks; 'refine': 1 - the refinement's confidence; 'refine_trace': the mean of the
-    percentile ranks of 'refine' and 'trace'."""
+    percentile ranks of 'refine' and 'trace'; 'mismatch': the larger of the percentile ranks of the refinement's
+    'cc_low' and 'sector' (refine/mismatch.py); 'auto': resolve_statistic's choice. The rank-based statistics rank
+    within ``unc``'s particles."""
+    statistic = resolve_statistic(unc, statistic)
+    if statistic == "mismatch":
+        missing = [REFINE_STAR[k] for k in MISMATCH_KEYS if k not in unc]
+        if missing:
+            raise CryoforumError(f"--statistic mismatch needs the refinement's mismatch columns ({', '.join(missing)}"
+                                 " missing).", fix="filter the output of a job or `cryoforum refine` that refined "
+                                                   "against a map, or use --statistic trace.")
+        n = len(unc["cc_low"])
+        return np.maximum(stats.rankdata(unc["cc_low"]), stats.rankdata(unc["sector"])) / n
     if statistic in ("trace", "max"):
         return unc[statistic]
     if statistic == "both":
@@ -60,7 +95,7 @@ def uncertainty_score(unc: dict, statistic: str) -> np.ndarray:
         if statistic == "refine":
             return score
         return (stats.rankdata(score) + stats.rankdata(unc["trace"])) / (2 * len(score))
-    raise CryoforumError(f"unknown statistic '{statistic}'.", fix="use trace, max, both, refine or refine_trace.")
+    raise CryoforumError(f"unknown statistic '{statistic}'.", fix=f"use auto or one of {', '.join(STATISTICS)}.")
 
 
 def keep_by_quantile(score: np.ndarray, drop: float) -> np.ndarray:

@@ -15,7 +15,8 @@ from cryoforum_plugin.formats.mrc import read_map, write_mrc
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.infer.metrics import geodesic_errors, match_rows, summarize
 from cryoforum_plugin.infer.select import (
-    auroc, keep_by_quantile, read_uncertainty, refine_confidence, risk_coverage, spearman, uncertainty_score,
+    auroc, keep_by_quantile, read_uncertainty, refine_columns, resolve_statistic, risk_coverage, spearman,
+    uncertainty_score,
 )
 from cryoforum_plugin.physics.fsc import fsc_curve, resolution
 from cryoforum_plugin.physics.reconstruct import reconstruct
@@ -40,7 +41,7 @@ class Comparison:
 
 
 def compare(pred: ParticleSet, truth: ParticleSet, *, refined: ParticleSet | None = None, split: str = "all",
-            split_uids=None, sym: str = "C1", statistic: str = "trace", drop: float = 0.25,
+            split_uids=None, sym: str = "C1", statistic: str = "auto", drop: float = 0.25,
             error_threshold: float = 15.0) -> Comparison:
     """The predicted set ``pred`` (and its refinement ``refined``) against ``truth`` (matched by uid, else
     image): orientation errors (radians inside, degrees in the summary), Spearman / AUROC of each uncertainty
@@ -61,9 +62,7 @@ def compare(pred: ParticleSet, truth: ParticleSet, *, refined: ParticleSet | Non
             raise CryoforumError(f"the refined file holds {len(pj)} of the {len(ps_pred)} predicted particles.",
                                  path=refined.path, fix="pass the output of `cryoforum refine` on the predicted file.")
         ps_ref = refined.subset(ri[np.argsort(pj)])  # in ps_pred's row order
-        confidence = refine_confidence(ps_ref)
-        if confidence is not None:
-            unc["refine"] = confidence
+        unc.update(refine_columns(ps_ref))
     err = geodesic_errors(ps_pred.quat, ps_true.quat, sym)
     junk = truth.junk[ti].astype(int) if truth.junk is not None else np.zeros(len(ti), int)
     good = junk == 0
@@ -78,6 +77,7 @@ def compare(pred: ParticleSet, truth: ParticleSet, *, refined: ParticleSet | Non
         metrics[stat] = {"spearman_vs_error": spearman(s[good], e[good]) if good.sum() > 2 else float("nan"),
                          f"auroc_error_above_{error_threshold:g}deg": auroc(s[good], e[good] > threshold),
                          "auroc_junk": auroc(s, ~good)}
+    statistic = resolve_statistic(unc, statistic)
     score = uncertainty_score(unc, statistic)
     keep = keep_by_quantile(score, drop)
     rc = {stat: risk_coverage(unc[stat][good], err[good]) for stat in ("trace", "max")}
@@ -160,7 +160,7 @@ def map_comparison(out: Path, comparison: Comparison, sym: str, truth_map: np.nd
 
 
 def report(predicted: ParticleSet, truth: ParticleSet, out, *, refined: ParticleSet | None = None, true_map=None,
-           model_dir=None, split: str = "all", sym: str = "C1", statistic: str = "trace", drop: float = 0.25,
+           model_dir=None, split: str = "all", sym: str = "C1", statistic: str = "auto", drop: float = 0.25,
            error_threshold: float = 15.0, reconstruct_maps: bool = True, device="auto",
            events: Events | None = None) -> dict:
     """Write report.html, report.json, figures and (with ``reconstruct_maps``) maps into ``out`` for

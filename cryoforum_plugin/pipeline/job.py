@@ -114,7 +114,7 @@ def pipeline(opts: argparse.Namespace, *, train_set: ParticleSet | None, predict
     result.selection = select(result.final, statistic=opts.statistic, drop=opts.drop, threshold=opts.threshold,
                               target_error=opts.target_error, model_dir=model_dir)
     events.message(f"[cryo-forum] kept {result.selection.kept} / {len(predicted)} particles "
-                   f"({result.selection.summary['mode']}, {opts.statistic})")
+                   f"({result.selection.summary['mode']}, {result.selection.summary['statistic']})")
     if events.wants_figures:
         _figures(result, events)
     return result

@@ -26,7 +26,9 @@ from cryoforum_plugin.formats.files import output_paths, write_particles
 from cryoforum_plugin.formats.particles import ParticleSet
 from cryoforum_plugin.infer.metrics import geodesic_errors
 from cryoforum_plugin.infer.predict import Prediction, with_predictions
-from cryoforum_plugin.infer.select import calibrate_threshold, keep_by_quantile, read_uncertainty, uncertainty_score
+from cryoforum_plugin.infer.select import (
+    calibrate_threshold, keep_by_quantile, read_uncertainty, resolve_statistic, uncertainty_score,
+)
 from cryoforum_plugin.progress import Events
 from cryoforum_plugin.refine.driver import RefineResult
 from cryoforum_plugin.runtime import resolve_device
@@ -175,14 +177,16 @@ def _validation_errors(ps: ParticleSet, model: ModelDir) -> tuple[np.ndarray, np
     return rows, geodesic_errors(ps.quat[rows], prior[rows], model.config().sym)
 
 
-def select(ps: ParticleSet, *, statistic: str = "trace", drop: float = 0.25, threshold: float | None = None,
+def select(ps: ParticleSet, *, statistic: str = "auto", drop: float = 0.25, threshold: float | None = None,
            target_error: float | None = None, model_dir=None, uncertainty=None) -> Selection:
     """Keep the confident particles of a predicted (or refined) set: by ``target_error`` (degrees; the threshold
     on the statistic at which the kept validation particles of the model have a median error of the set's poses
     against the input's poses at most ``target_error``, see ``_validation_errors``), else by ``threshold`` on the
-    statistic, else dropping the ``drop`` fraction with the highest uncertainty. ``uncertainty``: the sidecar of
-    a .cs prediction (default: beside it)."""
+    statistic, else dropping the ``drop`` fraction with the highest uncertainty. ``statistic`` auto:
+    ``resolve_statistic``'s choice (the summary names the one used). ``uncertainty``: the sidecar of a .cs
+    prediction (default: beside it)."""
     unc = read_uncertainty(ps, uncertainty)
+    statistic = resolve_statistic(unc, statistic)
     score = uncertainty_score(unc, statistic)
     summary = {"statistic": statistic}
     if target_error is not None:
@@ -330,7 +334,8 @@ def refine(ps: ParticleSet, reference: Reference, *, sym: str = "C1", global_sea
                             start_error_deg=radius, resolution_A=resolution, batch=batch,
                             device=resolve_device(device), events=events)
     numeric = dict(ps.numeric)
-    for key, values in (("score", result.score), ("confidence", result.confidence)):
+    for key, values in (("score", result.score), ("confidence", result.confidence), ("cc_low", result.cc_low),
+                        ("sector", result.sector)):
         numeric[REFINE_STAR[key]] = values
         numeric[REFINE_CS[key]] = values
     start = ps.quat.copy() if ps.has_poses.any() else None

@@ -29,7 +29,7 @@ from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.atomic import atomic_path, write_text
 from cryoforum_plugin.formats.files import read_particles
 from cryoforum_plugin.formats.mrc import write_mrc
-from cryoforum_plugin.infer.select import keep_by_quantile, read_uncertainty, uncertainty_score
+from cryoforum_plugin.infer.select import keep_by_quantile, read_uncertainty, resolve_statistic, uncertainty_score
 from cryoforum_plugin.physics.fsc import fsc_table
 from cryoforum_plugin.physics.running_map import RunningMap
 from cryoforum_plugin.pipeline import steps
@@ -217,17 +217,35 @@ class Watcher:
         return sets, scores, info
 
     def _select(self, ps) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(keep (N,) bool, the statistic (N,), how): a fixed --threshold, or the running --drop quantile."""
+        """(keep (N,) bool, the statistic (N,), how): a fixed --threshold, or the running --drop quantile. A
+        rank-based statistic (mismatch, refine_trace, both) ranks within the batch."""
         o = self.opts
-        scores = uncertainty_score(read_uncertainty(ps), o.statistic)
+        unc = read_uncertainty(ps)
+        statistic = resolve_statistic(unc, o.statistic)
+        scores = uncertainty_score(unc, statistic)
         if o.threshold is not None or o.target_error is not None:
-            chosen = steps.select(ps, statistic=o.statistic, drop=o.drop, threshold=o.threshold,
+            chosen = steps.select(ps, statistic=statistic, drop=o.drop, threshold=o.threshold,
                                   target_error=o.target_error, model_dir=self.model_dir)
             return chosen.keep, scores, chosen.summary
         history = self.ledger.scores
+        self._check_same_statistic(statistic)
         keep = keep_by_quantile(np.concatenate([history, scores]), o.drop)[len(history):]
-        return keep, scores, {"mode": "running_quantile", "drop": o.drop, "statistic": o.statistic,
+        return keep, scores, {"mode": "running_quantile", "drop": o.drop, "statistic": statistic,
                               "particles_ranked": len(history) + len(scores)}
+
+    def _check_same_statistic(self, statistic: str) -> None:
+        """The running quantile ranks every committed particle's score: a stream whose committed batches were
+        selected by another statistic (another --statistic, or ``auto`` resolving otherwise: a reference given
+        or dropped on a restart) would mix two scales. One clear error instead."""
+        if not self.ledger.batches:
+            return
+        info = self.ledger.batch_dir(self.ledger.batches[-1]) / "batch.json"
+        before = json.loads(info.read_text()).get("selection", {}).get("statistic") if info.exists() else None
+        if before is not None and before != statistic:
+            raise CryoforumError(
+                f"this stream's committed batches were selected by the statistic '{before}', this batch would be "
+                f"by '{statistic}': their scores cannot be ranked together.", path=self.out,
+                fix=f"restart with --statistic {before} (and the same reference), or write to a new output directory.")
 
     # ------------------------------------------------------------------------------------------ the map
 

@@ -27,11 +27,13 @@ from cryoforum_plugin.formats.mrc import StackReader
 from cryoforum_plugin.formats.particles import ParticleSet, half_sets
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
+from cryoforum_plugin.physics.ctf import ctf_images
 from cryoforum_plugin.physics.projector import Projector
 from cryoforum_plugin.progress import Progress
 from cryoforum_plugin.refine.confidence import FALLBACK_CONFIDENCE, doubtful, plausibility
 from cryoforum_plugin.refine.global_search import GlobalBank, global_refine
 from cryoforum_plugin.refine.local_search import local_refine
+from cryoforum_plugin.refine.mismatch import band_radius, particle_mismatch
 from cryoforum_plugin.refine.particle_terms import load_particle_terms, noise_weights
 from cryoforum_plugin.refine.reference import prepare_reference
 from cryoforum_plugin.refine.scoring import HalfPlaneCoefficients, SearchSettings, chunk_elements
@@ -54,6 +56,8 @@ class RefineResult:
     shift_A: np.ndarray  # (N, 2) refined origins in Å (RELION sign)
     score: np.ndarray  # (N,) normalised correlation of the best match (whitened)
     confidence: np.ndarray  # (N,) in [0, 1]: posterior mass near the best pose times the plausibility
+    cc_low: np.ndarray  # (N,) 1 - the low-resolution correlation at the refined pose (mismatch.py; high = junk)
+    sector: np.ndarray  # (N,) the residual's largest / smallest sector power outside the projection (mismatch.py)
     global_searched: np.ndarray  # (N,) bool
     seconds: float
 
@@ -65,7 +69,8 @@ class RefineResult:
 @dataclasses.dataclass
 class _Poses:
     """Search results of R particles: ``rows`` (R,) into the set, ``quat`` (R, 4), ``shift_px`` (R, 2), score
-    ``cc``, log-likelihood ``ll`` and confidence ``conf`` (R,), all float64."""
+    ``cc``, log-likelihood ``ll``, confidence ``conf`` and the mismatch measures ``cc_low`` and ``sector`` at that
+    pose (R,) (mismatch.py), all float64."""
 
     rows: np.ndarray
     quat: np.ndarray
@@ -73,11 +78,14 @@ class _Poses:
     cc: np.ndarray
     ll: np.ndarray
     conf: np.ndarray
+    cc_low: np.ndarray
+    sector: np.ndarray
 
     @classmethod
     def nothing_yet(cls, n: int) -> _Poses:
         """All ``n`` rows, zero results of likelihood -inf (any result is better)."""
-        return cls(np.arange(n), np.zeros((n, 4)), np.zeros((n, 2)), np.zeros(n), np.full(n, -np.inf), np.zeros(n))
+        return cls(np.arange(n), np.zeros((n, 4)), np.zeros((n, 2)), np.zeros(n), np.full(n, -np.inf), np.zeros(n),
+                   np.zeros(n), np.zeros(n))
 
     @classmethod
     def concat(cls, parts: list[_Poses]) -> _Poses:
@@ -89,7 +97,7 @@ class _Poses:
         """Take ``new``'s result for the rows (of a full ``nothing_yet(n)`` table) where its likelihood is higher."""
         better = new.ll > self.ll[new.rows]
         r = new.rows[better]
-        for f in ("quat", "shift_px", "cc", "ll", "conf"):
+        for f in ("quat", "shift_px", "cc", "ll", "conf", "cc_low", "sector"):
             getattr(self, f)[r] = getattr(new, f)[better]
 
 
@@ -115,13 +123,14 @@ class _Job:
     abort_check: object  # callable or None, polled before every batch
     progress: bool
     events: object  # progress.Events or None
+    low_band: float  # the mismatch measures' band (Fourier pixels, mismatch.band_radius)
 
 
 @torch.no_grad()
 def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows: np.ndarray,
                   images: np.ndarray) -> _Poses:
     """Refine particles ``rows`` (their (B, N, N) ``images``) against ``projector``: globally when a ``bank`` is
-    given, else locally."""
+    given, else locally; then the mismatch measures at the refined pose."""
     data = load_particle_terms(job.ps, images, rows, job.coef, job.whiten, job.centre, job.device)
     if bank is not None:
         q, shift, cc, ll, conf = global_refine(projector, bank, job.coef, data, job.settings)
@@ -131,8 +140,14 @@ def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows
         first_level_steps = 3 if rad.max() > math.radians(SMALL_RADIUS_DEG) else 2
         q, shift, cc, ll, conf = local_refine(projector, job.coef, data, q0, torch.as_tensor(rad, device=job.device),
                                               job.settings, first_level_steps=first_level_steps)
-    out = torch.cat([q, shift, cc[:, None], ll[:, None], conf[:, None]], 1).double().cpu().numpy()  # one copy back
-    return _Poses(rows, out[:, :4], out[:, 4:6], out[:, 6], out[:, 7], out[:, 8])
+    box = job.coef.box
+    ctf = (torch.ones((len(rows), box, box), device=job.device) if job.ps.ctf is None
+           else ctf_images(job.ps.ctf, rows, box, job.ps.pixel_size[rows], job.device))
+    cc_low, sector = particle_mismatch(projector, job.coef, data, torch.from_numpy(images).to(job.device), ctf, q,
+                                       shift, job.whiten, job.low_band)
+    out = torch.cat([q, shift, cc[:, None], ll[:, None], conf[:, None], cc_low[:, None], sector[:, None]],
+                    1).double().cpu().numpy()  # one copy back
+    return _Poses(rows, out[:, :4], out[:, 4:6], *out[:, 6:].T)
 
 
 def _refine_pass(job: _Job, rows_sel: np.ndarray, is_global: bool, label: str) -> _Poses:
@@ -220,7 +235,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     if global_search not in ("auto", "all", "none"):
         raise CryoforumError(f"unknown global_search '{global_search}'.", fix="use auto, all or none.")
     if n == 0:
-        return RefineResult(np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0, bool), 0.0)
+        return RefineResult(np.zeros((0, 4)), np.zeros((0, 2)), *[np.zeros(0)] * 4, np.zeros(0, bool), 0.0)
     apix, box = ps.require_one_sampling("refinement")
     # gold standard: each half-map Wiener-filtered by the half-map FSC (a map given with half-maps: by theirs)
     maps, shell_filter = prepare_reference(reference, reference_pixel_size, box, apix, dev)
@@ -240,7 +255,7 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     try:
         whiten = noise_weights(ps, reader, noise_spectrum, coef, box, dev)
         job = _Job(ps, reader, maps, shell_filter, half_sets(ps), radius, q_start, centre, coef, whiten, settings,
-                   sym, batch, dev, abort_check, progress, events)
+                   sym, batch, dev, abort_check, progress, events, band_radius(box, apix))
         passes = [(np.nonzero(glob)[0], True, "refine global"), (np.nonzero(~glob)[0], False, "refine local")]
         for rows, is_global, label in passes:
             done = _refine_pass(job, rows, is_global, label)
@@ -257,5 +272,5 @@ def refine(ps: ParticleSet, reference, *, reference_pixel_size: float, sym: str 
     finally:
         reader.close()
     conf = best.conf * plausible
-    return RefineResult(rotations.normalize(best.quat), best.shift_px * apix, best.cc, np.clip(conf, 0.0, 1.0), glob,
-                        time.time() - t_start)
+    return RefineResult(rotations.normalize(best.quat), best.shift_px * apix, best.cc, np.clip(conf, 0.0, 1.0),
+                        best.cc_low, best.sector, glob, time.time() - t_start)
