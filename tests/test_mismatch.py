@@ -123,3 +123,16 @@ def test_a_resumed_stream_refuses_to_rank_two_statistics_together(tmp_path):
     watcher._check_same_statistic("trace")
     with pytest.raises(CryoforumError, match="--statistic trace"):
         watcher._check_same_statistic("mismatch")
+
+
+def test_auto_with_a_threshold_selects_by_trace():
+    """--threshold is a value on the dispersions' scale (<= 0): with ``auto`` it must select by trace even for a
+    refined set, or a threshold like -0.5 would drop every particle (mismatch ranks are in (0, 1])."""
+    import numpy as np
+
+    from cryoforum_plugin.infer.select import resolve_statistic
+
+    unc = {"trace": -np.ones(4), "max": -np.ones(4), "cc_low": np.ones(4), "sector": np.ones(4)}
+    assert resolve_statistic(unc, "auto") == "mismatch"
+    assert resolve_statistic(unc, "auto", threshold=-0.5) == "trace"
+    assert resolve_statistic(unc, "mismatch", threshold=0.9) == "mismatch"

@@ -59,12 +59,13 @@ def refine_columns(ps: ParticleSet) -> dict[str, np.ndarray]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def resolve_statistic(unc: dict, statistic: str) -> str:
+def resolve_statistic(unc: dict, statistic: str, threshold: float | None = None) -> str:
     """The statistic ``auto`` stands for: 'mismatch' when ``unc`` (read_uncertainty) holds the mismatch measures
-    (the set was refined against a map), else 'trace'. Any other name is returned as it is."""
+    (the set was refined against a map), else 'trace'; with a ``threshold`` (--threshold: a value on the scale of
+    the dispersions, <= 0) always 'trace', so a threshold keeps its meaning. Any other name is returned as it is."""
     if statistic != "auto":
         return statistic
-    return "mismatch" if all(k in unc for k in MISMATCH_KEYS) else "trace"
+    return "mismatch" if threshold is None and all(k in unc for k in MISMATCH_KEYS) else "trace"
 
 
 def uncertainty_score(unc: dict, statistic: str) -> np.ndarray:

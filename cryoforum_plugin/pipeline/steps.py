@@ -186,7 +186,7 @@ def select(ps: ParticleSet, *, statistic: str = "auto", drop: float = 0.25, thre
     ``resolve_statistic``'s choice (the summary names the one used). ``uncertainty``: the sidecar of a .cs
     prediction (default: beside it)."""
     unc = read_uncertainty(ps, uncertainty)
-    statistic = resolve_statistic(unc, statistic)
+    statistic = resolve_statistic(unc, statistic, threshold)
     score = uncertainty_score(unc, statistic)
     summary = {"statistic": statistic}
     if target_error is not None:

@@ -221,7 +221,7 @@ class Watcher:
         rank-based statistic (mismatch, refine_trace, both) ranks within the batch."""
         o = self.opts
         unc = read_uncertainty(ps)
-        statistic = resolve_statistic(unc, o.statistic)
+        statistic = resolve_statistic(unc, o.statistic, o.threshold)
         scores = uncertainty_score(unc, statistic)
         if o.threshold is not None or o.target_error is not None:
             chosen = steps.select(ps, statistic=statistic, drop=o.drop, threshold=o.threshold,
