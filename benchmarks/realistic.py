@@ -123,23 +123,25 @@ def held_out_report(ps, model_dir, set_dir: Path | None = None) -> dict:
 
 def refined_report(ps, model_dir, set_dir: Path | None = None) -> dict:
     """What the job's refinement makes of a trained model's held-out test split (real particles only): the
-    training split reconstructed into half-maps at its poses (junk included, as a consensus; ``steps.reconstruct``,
-    written beside the model as a job writes them), the test particles predicted (``steps.predict``) and refined
-    against those half-maps with the job's defaults (``steps.refine``). Refined median / p90 error (degrees),
-    fraction within 5°, shift error (px), the global-search fraction and the refinement's particles/s."""
+    training split reconstructed into half-maps at its poses (junk included, as a consensus; the job's
+    ``pipeline.job.training_reference``, written beside the model), the test particles predicted
+    (``steps.predict``) and refined against those half-maps with the job's defaults (``steps.refine``). Refined
+    median / p90 error (degrees), fraction within 5°, shift error (px), the global-search fraction and the
+    refinement's particles/s."""
     from cryoforum_plugin.pipeline import steps
+    from cryoforum_plugin.pipeline.job import training_reference
+    from cryoforum_plugin.progress import Events
 
     model_dir = Path(model_dir)
     split = json.loads((model_dir / "split.json").read_text())
     part = {k: np.asarray(v["rows"] if isinstance(v, dict) else v) for k, v in split.items() if k in ("train", "test")}
     junk = truth_labels(set_dir, len(ps))[0] if set_dir is not None else np.zeros(len(ps), np.int64)
     test = part["test"][junk[part["test"]] == 0]
-    halves = [model_dir / name for name in steps.MODEL_HALF_MAPS]
-    if not all(h.exists() for h in halves):
-        steps.reconstruct(ps.subset(part["train"]), model_dir / "reference.mrc", halves=True, device="cpu")
+    reference = training_reference(ps.subset(part["train"]), model_dir, argparse.Namespace(sym="C1", device="cpu"),
+                                   Events())
     predicted, _ = steps.predict(ps.subset(test), model_dir, device="cpu")
     t0 = time.time()
-    refined, result = steps.refine(predicted, steps.Reference.from_files(half_maps=halves), device="cpu")
+    refined, result = steps.refine(predicted, reference, device="cpu")
     seconds = time.time() - t0
     err = np.degrees(geodesic_errors(refined.quat, ps.quat[test]))
     shift = np.linalg.norm(refined.shift_A - ps.shift_A[test], axis=1) / ps.pixel_size[test]

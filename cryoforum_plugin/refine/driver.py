@@ -28,6 +28,7 @@ from cryoforum_plugin.formats.particles import ParticleSet, half_sets
 from cryoforum_plugin.physics import rotations
 from cryoforum_plugin.physics import symmetry
 from cryoforum_plugin.physics.ctf import ctf_images
+from cryoforum_plugin.physics.fourier import fft2c
 from cryoforum_plugin.physics.projector import Projector
 from cryoforum_plugin.progress import Progress
 from cryoforum_plugin.refine.confidence import FALLBACK_CONFIDENCE, doubtful, plausibility
@@ -131,7 +132,10 @@ def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows
                   images: np.ndarray) -> _Poses:
     """Refine particles ``rows`` (their (B, N, N) ``images``) against ``projector``: globally when a ``bank`` is
     given, else locally; then the mismatch measures at the refined pose."""
-    data = load_particle_terms(job.ps, images, rows, job.coef, job.whiten, job.centre, job.device)
+    ft = fft2c(torch.from_numpy(images).to(job.device))  # one copy, one transform: the search and the mismatch
+    ctf = (None if job.ps.ctf is None
+           else ctf_images(job.ps.ctf, rows, job.coef.box, job.ps.pixel_size[rows], job.device))
+    data = load_particle_terms(ft, ctf, job.coef, job.whiten, job.centre[rows])
     if bank is not None:
         q, shift, cc, ll, conf = global_refine(projector, bank, job.coef, data, job.settings)
     else:
@@ -140,11 +144,7 @@ def _refine_batch(job: _Job, projector: Projector, bank: GlobalBank | None, rows
         first_level_steps = 3 if rad.max() > math.radians(SMALL_RADIUS_DEG) else 2
         q, shift, cc, ll, conf = local_refine(projector, job.coef, data, q0, torch.as_tensor(rad, device=job.device),
                                               job.settings, first_level_steps=first_level_steps)
-    box = job.coef.box
-    ctf = (torch.ones((len(rows), box, box), device=job.device) if job.ps.ctf is None
-           else ctf_images(job.ps.ctf, rows, box, job.ps.pixel_size[rows], job.device))
-    cc_low, sector = particle_mismatch(projector, job.coef, data, torch.from_numpy(images).to(job.device), ctf, q,
-                                       shift, job.whiten, job.low_band)
+    cc_low, sector = particle_mismatch(projector, job.coef, data, ft, ctf, q, shift, job.whiten, job.low_band)
     out = torch.cat([q, shift, cc[:, None], ll[:, None], conf[:, None], cc_low[:, None], sector[:, None]],
                     1).double().cpu().numpy()  # one copy back
     return _Poses(rows, out[:, :4], out[:, 4:6], *out[:, 6:].T)

@@ -65,14 +65,20 @@ def low_band_cc(template: torch.Tensor, data: ParticleTerms, coef: HalfPlaneCoef
     return 1.0 - num / torch.sqrt((den * data.xw[:, k - 1]).clamp(min=1e-30))
 
 
-def full_grid_features(images: torch.Tensor, ctf: torch.Tensor, projection: torch.Tensor, w: torch.Tensor,
+def full_grid_features(images: torch.Tensor, ctf: torch.Tensor | None, projection: torch.Tensor, w: torch.Tensor,
                        sectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D, D) images, CTFs (centred Fourier grid), shifted projections (real space, no CTF), the (D, D) whitening
-    1/N of the band (0 outside it, ``band_weights``) and ``sector_index`` -> (B,) ``cc_low`` and (B,) ``sector``
-    (module docstring) on the full grid."""
-    x = fft2c(images)
+    """(B, D, D) images, CTFs (centred Fourier grid; None: no CTF), shifted projections (real space, no CTF), the
+    (D, D) whitening 1/N of the band (0 outside it, ``band_weights``) and ``sector_index`` -> (B,) ``cc_low`` and
+    (B,) ``sector`` (module docstring) on the full grid."""
+    return transform_features(fft2c(images), ctf, projection, w, sectors)
+
+
+def transform_features(x: torch.Tensor, ctf: torch.Tensor | None, projection: torch.Tensor, w: torch.Tensor,
+                       sectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``full_grid_features`` from the images' (B, D, D) centred Fourier transforms ``x`` (the refinement has
+    them already)."""
     p = fft2c(projection)
-    m = ctf * p
+    m = p if ctf is None else ctf * p
     num = (torch.conj(m) * x).real.mul(w).sum((1, 2))
     den = (m.abs() ** 2 * w).sum((1, 2)).clamp(min=1e-30)
     xx = (x.abs() ** 2 * w).sum((1, 2)).clamp(min=1e-30)
@@ -86,17 +92,18 @@ def full_grid_features(images: torch.Tensor, ctf: torch.Tensor, projection: torc
     return 1.0 - cc, power.amax(1) / power.amin(1).clamp(min=1e-12)
 
 
-def particle_mismatch(projector, coef: HalfPlaneCoefficients, data: ParticleTerms, images: torch.Tensor,
-                      ctf: torch.Tensor, quat: torch.Tensor, shift: torch.Tensor, whiten: torch.Tensor,
+def particle_mismatch(projector, coef: HalfPlaneCoefficients, data: ParticleTerms, ft: torch.Tensor,
+                      ctf: torch.Tensor | None, quat: torch.Tensor, shift: torch.Tensor, whiten: torch.Tensor,
                       radius: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) ``cc_low`` and (B,) ``sector`` of B particles at their refined (B, 4) ``quat`` and (B, 2) ``shift``
-    (pixels): ``data`` their refinement terms, ``images`` (B, D, D), ``ctf`` (B, D, D) on the centred grid,
-    ``whiten`` (K,) the refinement's 1/N, ``radius`` the band (``band_radius``, Fourier pixels)."""
+    (pixels): ``data`` their refinement terms, ``ft`` (B, D, D) the images' centred Fourier transforms, ``ctf``
+    (B, D, D) on the same grid (None: no CTF), ``whiten`` (K,) the refinement's 1/N, ``radius`` the band
+    (``band_radius``, Fourier pixels)."""
     k = coef.count(min(radius, coef.r_max))
     mats = rotations.quat_to_matrix_torch(quat.to(torch.float64)).float()
     template = projector.sample_slices(mats, coef.kvec[:k], coef.r_max)  # the search's crop, no recrop
     cc_low = low_band_cc(template, data, coef, shift.float())
     projection = projector.project(quat, shift)
-    _, sector = full_grid_features(images, ctf, projection, band_weights(whiten, coef, radius),
-                                   sector_index(coef.box, images.device))
+    _, sector = transform_features(ft, ctf, projection, band_weights(whiten, coef, radius),
+                                   sector_index(coef.box, ft.device))
     return cc_low, sector

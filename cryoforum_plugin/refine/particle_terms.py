@@ -10,8 +10,6 @@ import torch
 from cryoforum_plugin.errors import CryoforumError
 from cryoforum_plugin.formats.mrc import StackReader
 from cryoforum_plugin.formats.particles import ParticleSet
-from cryoforum_plugin.physics.ctf import ctf_images
-from cryoforum_plugin.physics.fourier import fft2c
 from cryoforum_plugin.physics.noise import radial_power
 from cryoforum_plugin.refine.scoring import HalfPlaneCoefficients, ParticleTerms
 
@@ -55,19 +53,14 @@ def noise_weights(ps: ParticleSet, reader: StackReader, spectrum, coef: HalfPlan
     return whitening(shape * level, coef.shell, box)
 
 
-def load_particle_terms(ps: ParticleSet, images: np.ndarray, rows: np.ndarray, coef: HalfPlaneCoefficients,
-                        whiten: torch.Tensor, centre: np.ndarray, dev) -> ParticleTerms:
-    """The terms of particles ``rows`` from their (B, N, N) ``images`` (``ps.read_images``): images and CTFs on
-    the coefficient list, weighted by ``whiten`` (K,) = 1/N; ``centre`` (N, 2): every particle's start shift in
-    pixels."""
-    box = coef.box
-    images = torch.from_numpy(images).to(dev)
-    x = fft2c(images).reshape(len(rows), -1)[:, coef.flat]  # (B, K)
-    if ps.ctf is None:
-        c = torch.ones_like(x.real)
-    else:
-        c = ctf_images(ps.ctf, rows, box, ps.pixel_size[rows], dev).reshape(len(rows), -1)[:, coef.flat]
+def load_particle_terms(ft: torch.Tensor, ctf: torch.Tensor | None, coef: HalfPlaneCoefficients,
+                        whiten: torch.Tensor, centre: np.ndarray) -> ParticleTerms:
+    """The terms of B particles from their (B, N, N) centred Fourier transforms ``ft`` (``fft2c`` of
+    ``ps.read_images``) and (B, N, N) CTFs on the same grid (``ctf_images``; None: no CTF): images and CTFs on
+    the coefficient list, weighted by ``whiten`` (K,) = 1/N; ``centre`` (B, 2): their start shifts in pixels."""
+    x = ft.reshape(len(ft), -1)[:, coef.flat]  # (B, K)
+    c = torch.ones_like(x.real) if ctf is None else ctf.reshape(len(ft), -1)[:, coef.flat]
     y = x * (c * whiten)
     c2w = c * c * whiten
     xw = torch.cumsum((x.real**2 + x.imag**2) * whiten, -1)
-    return ParticleTerms(y, c2w, xw, torch.as_tensor(centre[rows], dtype=torch.float32, device=dev))
+    return ParticleTerms(y, c2w, xw, torch.as_tensor(centre, dtype=torch.float32, device=ft.device))
